@@ -116,7 +116,10 @@ def _load_smollm2(dtype: torch.dtype, attn: str) -> Loaded:
     copy = cache_dir() / "models" / f"smollm2-135m-{key}"
     if not (copy / "config.json").is_file():
         loaded = _load_gguf(gguf, torch.float32, attn)
-        loaded.model.config.quantization_config = None  # weights are de-quantized fp32 now
+        # the GGUF weights are de-quantized to fp32 on load; drop the quantizer so they save as-is
+        loaded.model.hf_quantizer = None
+        if hasattr(loaded.model.config, "quantization_config"):
+            del loaded.model.config.quantization_config
         copy.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=copy.parent, prefix=".tmp-"))
         loaded.model.save_pretrained(tmp)
