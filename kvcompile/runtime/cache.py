@@ -1,0 +1,219 @@
+"""The runtime KV cache: a transformers ``Cache`` whose layers hold per-head-group strategy stores.
+
+Per layer, the KV heads that share a strategy spec form a *head group*; each group owns one
+:class:`~kvcompile.strategies.Store` (its own physical tensors), created lazily on the first update,
+when batch, dtype and device are known.
+
+How attention finds the layer
+-----------------------------
+transformers calls ``cache.update(k, v, layer_idx)`` and then the registered attention function,
+but never passes the cache to that function. :meth:`KVCompileLayer.update` therefore returns the
+*new* ``(k, v)`` unchanged and records ``id(k) -> (weakref(k), layer)`` in :data:`HANDLES`; the
+``"kvcompile"`` attention function (``runtime/attention.py``) pops that entry, runs attention per
+group over the store plus the new tokens, and only then folds the new tokens into the stores. The
+weakref guards against ``id`` reuse after garbage collection.
+
+Invariants
+----------
+* ``get_seq_length()`` is the LOGICAL number of tokens the layer has seen (padding included, evicted
+  tokens included), so positions and mask sizes equal those of a ``DynamicCache``.
+* Stores are mutated only by the attention function, in the order attend → append, once per forward.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..strategies import Store, Strategy
+
+# id(new key tensor) -> (weakref to it, layer); filled by update(), emptied by the attention function
+HANDLES: dict[int, tuple[weakref.ReferenceType[torch.Tensor], KVCompileLayer]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class HeadGroup:
+    """KV heads of one layer sharing a strategy; ``q_heads`` are the query heads they serve, in order."""
+
+    strategy: Strategy
+    kv_heads: tuple[int, ...]
+    q_heads: tuple[int, ...]
+
+
+def group_heads(strategies: Sequence[Strategy], gqa: int) -> tuple[HeadGroup, ...]:
+    """Group KV heads by identical strategy spec, in order of first appearance.
+
+    Query head ``j`` reads KV head ``j // gqa``, so a group of KV heads {i, k} serves query heads
+    ``[i*gqa, (i+1)*gqa) ∪ [k*gqa, (k+1)*gqa)``.
+    """
+    order: dict[str, tuple[Strategy, list[int]]] = {}
+    for h, s in enumerate(strategies):
+        order.setdefault(json.dumps(s.to_spec(), sort_keys=True), (s, []))[1].append(h)
+    return tuple(
+        HeadGroup(s, tuple(hs), tuple(q for h in hs for q in range(h * gqa, (h + 1) * gqa)))
+        for s, hs in order.values()
+    )
+
+
+class KVCompileLayer(CacheLayerMixin):
+    """One model layer: its head groups and their stores. See the module docstring."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(
+        self, layer_idx: int, strategies: Sequence[Strategy], head_dim: int, gqa: int, backend: str = "torch"
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.backend = backend
+        self.head_dim = head_dim
+        self.gqa = gqa
+        self.num_kv_heads = len(strategies)
+        self.groups = group_heads(strategies, gqa)
+        self.stores: list[Store] | None = None
+        self.seen = 0
+        self._index: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+
+    def __repr__(self) -> str:
+        groups = [(g.strategy.label(), g.kv_heads) for g in self.groups]
+        return f"KVCompileLayer({self.layer_idx}, groups={groups})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        if (heads, dim) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"layer {self.layer_idx}: keys have {heads} heads x head_dim {dim}, the plan expects "
+                f"{self.num_kv_heads} x {self.head_dim}"
+            )
+        self.dtype, self.device, self.batch_size = key_states.dtype, key_states.device, batch
+        self.stores = [
+            g.strategy.new_store(
+                batch=batch,
+                num_heads=len(g.kv_heads),
+                head_dim=dim,
+                gqa=self.gqa,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for g in self.groups
+        ]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Count the new tokens and hand them on; the stores take them in the attention function."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.batch_size:
+            raise ValueError(
+                f"layer {self.layer_idx}: batch changed from {self.batch_size} to {key_states.shape[0]}"
+            )
+        self.seen += key_states.shape[-2]
+        HANDLES[id(key_states)] = (weakref.ref(key_states), self)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def index(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per group: (kv head, query head) index tensors on ``device``; None for a whole-layer group."""
+        if device not in self._index:
+            self._index[device] = [
+                None
+                if len(g.kv_heads) == self.num_kv_heads
+                else (torch.tensor(g.kv_heads, device=device), torch.tensor(g.q_heads, device=device))
+                for g in self.groups
+            ]
+        return self._index[device]
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.stores or ())
+
+    def reset(self) -> None:
+        self.stores, self.seen, self.is_initialized = None, 0, False
+
+    def offload(self) -> None:  # stores are not plain keys/values tensors; offloading is not supported
+        raise NotImplementedError("KVCompileCache does not support offloading")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("KVCompileCache does not support offloading")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("KVCompileCache cannot be cropped (compressed stores cannot roll back)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("KVCompileCache does not support beam search (reorder_cache)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            raise NotImplementedError("KVCompileCache cannot repeat a filled cache along the batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            raise NotImplementedError("KVCompileCache cannot select batch rows of a filled cache")
+
+
+class KVCompileCache(Cache):
+    """A transformers Cache built from a plan; pass it as ``past_key_values`` to forward/generate.
+
+    Build it with :func:`kvcompile.runtime.make_cache` (or ``plan.make_cache(model)``), which checks
+    the plan against the model first. One cache serves one batch of sequences; make a new one (or
+    call ``reset()``) for the next.
+
+    Example
+    -------
+    >>> cache = plan.make_cache(model)                                       # doctest: +SKIP
+    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+    >>> cache.nbytes(), cache.layer_bytes()[0]                               # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        strategies: Sequence[Sequence[Strategy]],
+        *,
+        head_dim: int,
+        gqa: int,
+        backend: str = "torch",
+        notes: Sequence[str] = (),
+    ) -> None:
+        layers = [KVCompileLayer(i, row, head_dim, gqa, backend) for i, row in enumerate(strategies)]
+        super().__init__(layers=layers)
+        self.backend = backend
+        self.notes = list(notes)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the stores hold right now (codes, scales, residuals, metadata)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def layer_bytes(self) -> list[dict[str, Any]]:
+        """Per layer: ``{"layer", "bytes", "groups": [{"strategy", "kv_heads", "bytes"}]}`` (JSON-able)."""
+        out = []
+        for layer in self.layers:
+            groups = [
+                {
+                    "strategy": g.strategy.label(),
+                    "kv_heads": list(g.kv_heads),
+                    "bytes": layer.stores[i].nbytes() if layer.stores else 0,
+                }
+                for i, g in enumerate(layer.groups)
+            ]
+            out.append({"layer": layer.layer_idx, "bytes": sum(g["bytes"] for g in groups), "groups": groups})
+        return out
+
+    def stores(self, layer_idx: int) -> list[tuple[HeadGroup, Store]]:
+        """The (group, store) pairs of a layer, for inspection; empty before the first forward."""
+        layer = self.layers[layer_idx]
+        return list(zip(layer.groups, layer.stores, strict=True)) if layer.stores else []
