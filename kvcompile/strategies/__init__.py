@@ -12,10 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import Store, Strategy, reference_attention
+from .fp8 import FP8
 from .full import Full
+from .quant import Quant
+from .selection import HeavyHitter, SinkWindow, SnapKV
 
 REGISTRY: dict[str, type[Strategy]] = {
-    Full.name: Full,
+    cls.name: cls for cls in (Full, FP8, Quant, SinkWindow, HeavyHitter, SnapKV)
 }
 
 
@@ -35,4 +38,16 @@ def from_spec(spec: Mapping[str, Any]) -> Strategy:
         raise ValueError(f"strategy {name!r}: bad parameters {params}: {e}") from None
 
 
-__all__ = ["REGISTRY", "Store", "Strategy", "from_spec", "reference_attention", "Full"]
+__all__ = [
+    "REGISTRY",
+    "Store",
+    "Strategy",
+    "from_spec",
+    "reference_attention",
+    "FP8",
+    "Full",
+    "HeavyHitter",
+    "Quant",
+    "SinkWindow",
+    "SnapKV",
+]

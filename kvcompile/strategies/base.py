@@ -78,6 +78,23 @@ class Strategy(ABC):
         """Name of the storage format for kernel selection (overridden by strategies with kernels)."""
         return self.name
 
+    # ---- cost-model hooks (planner roofline); defaults suit formats read once per decode step ------
+    def bytes_for_seq(self, prefill: int, decoded: int, head_dim: int, dtype_bytes: int) -> int:
+        """Exact bytes after one prefill of ``prefill`` tokens then ``decoded`` later tokens.
+
+        Equals ``bytes_for(prefill + decoded)`` except for strategies that select only at prefill
+        (SnapKV and compositions), whose ``bytes_for(n)`` means "after a prefill of n tokens".
+        """
+        return self.bytes_for(prefill + decoded, head_dim, dtype_bytes)
+
+    def reads_bytes_for(self, tokens: int, head_dim: int, dtype_bytes: int) -> int:
+        """Bytes one KV head reads per decode step at ``tokens`` tokens (default: everything it holds)."""
+        return self.bytes_for(tokens, head_dim, dtype_bytes)
+
+    def dequant_flops_per_token(self, head_dim: int) -> int:
+        """Extra arithmetic per stored token per decode step to decode K and V (0 for plain floats)."""
+        return 0
+
 
 class Store(ABC):
     """Runtime storage of one head group of one layer. See the module docstring for the contract."""
