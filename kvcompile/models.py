@@ -147,7 +147,14 @@ def _load_meta(path: Path, name: str, attn: str) -> Loaded:
     config = AutoConfig.for_model(model_type, **raw)
     config._attn_implementation = attn
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=_config_dtype(raw))
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=_config_dtype(raw))
+        except ValueError as e:
+            if attn != "sdpa" or "does not support" not in str(e):
+                raise
+            # some architectures (Gemma-2) refuse sdpa; capture re-exports them with its own attention
+            config._attn_implementation = "eager"
+            model = AutoModelForCausalLM.from_config(config, dtype=_config_dtype(raw))
     model.eval()
     return Loaded(model, None, name)
 
