@@ -38,7 +38,46 @@ def from_spec(spec: Mapping[str, Any]) -> Strategy:
         raise ValueError(f"strategy {name!r}: bad parameters {params}: {e}") from None
 
 
+BUDGET_FRACTIONS = (0.5, 0.25, 0.125, 0.06, 0.03)  # token budgets as fractions of the context
+
+
+def default_instances(context: int) -> list[Strategy]:
+    """A candidate grid across every registered strategy, sized for ``context`` tokens.
+
+    Used by the planner (candidates per KV head) and the eval benchmark. Token-selection budgets
+    are 50/25/12.5/6/3 % of ``context``; every instance passes ``validate_for(context=context)``
+    for head_dim 64.
+
+    >>> [s.label() for s in default_instances(4096)][:3]
+    ['full(dtype=bfloat16)', 'fp8(headroom=1.0)', 'quant(bits=8,group=32,residual=32,v_group=None)']
+    """
+    if context < 64:
+        raise ValueError(f"context={context} must be >= 64 for the default grid")
+    out: list[Strategy] = [Full(dtype="bfloat16"), FP8()]
+    out += [Quant(bits=b, group=32) for b in (8, 4, 2)]
+    budgets = sorted({max(8, int(context * f)) for f in BUDGET_FRACTIONS}, reverse=True)
+    for n in budgets:
+        sinks, obs = 4, min(32, n // 4)
+        out.append(SinkWindow(sinks=sinks, window=n - sinks))
+        out.append(HeavyHitter(budget=n, recent=n // 2))
+        out.append(SnapKV(budget=n - obs, obs_window=obs))
+    if "think" in REGISTRY:
+        out += [REGISTRY["think"](keep_ratio=r) for r in (0.5, 0.25)]
+    if "compose" in REGISTRY:
+        for n in budgets[1:3]:
+            obs = min(32, n // 4)
+            for bits in (4, 2):
+                q = Quant(bits=bits, group=32)
+                out.append(REGISTRY["compose"](select=SnapKV(budget=n - obs, obs_window=obs), quant=q))
+                out.append(REGISTRY["compose"](select=SinkWindow(sinks=4, window=n - 4), quant=q))
+    if "mikv" in REGISTRY:
+        for n in budgets[1:3]:
+            out.append(REGISTRY["mikv"](select=HeavyHitter(budget=n, recent=n // 2), low_bits=2))
+    return out
+
+
 __all__ = [
+    "default_instances",
     "REGISTRY",
     "Store",
     "Strategy",

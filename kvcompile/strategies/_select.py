@@ -93,7 +93,8 @@ class SelectStore(Store):
         key_ok = valid_new[:, None, :].expand(B, Hg, T)
         k, v = k_new, v_new
         if self.k is not None:
-            k, v = torch.cat([self.k.to(k_new.dtype), k_new], 2), torch.cat([self.v.to(v_new.dtype), v_new], 2)
+            k = torch.cat([self.k.to(k_new.dtype), k_new], 2)
+            v = torch.cat([self.v.to(v_new.dtype), v_new], 2)
             key_ok = torch.cat([self.pos >= 0, key_ok], dim=2)
         out, mass = masked_attention(q, k, v, key_ok, scale, col_sums=self.s.observe == "all")
         if self.s.observe == "window" and self.k is None:

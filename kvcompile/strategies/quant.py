@@ -25,7 +25,9 @@ class Quant(Strategy):
     """
 
     name: ClassVar[str] = "quant"
-    paper: ClassVar[str] = "Liu et al. 2024, KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (arXiv:2402.02750)"
+    paper: ClassVar[str] = (
+        "Liu et al. 2024, KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (arXiv:2402.02750)"
+    )
     bits: int = 4
     group: int = 32
     residual: int | None = None
@@ -46,13 +48,12 @@ class Quant(Strategy):
     def validate_for(self, *, head_dim: int, context: int | None = None) -> None:
         ppb = 8 // self.bits
         if head_dim % ppb:
-            raise ValueError(f"bits={self.bits}: head_dim={head_dim} must be divisible by {ppb} to pack codes")
+            raise ValueError(f"bits={self.bits}: head_dim={head_dim} must be divisible by {ppb} (packing)")
         if head_dim % self.vg(head_dim):
             raise ValueError(f"v_group={self.v_group} must divide head_dim={head_dim}")
         if context is not None and self.residual + self.group > context:
-            raise ValueError(
-                f"residual+group={self.residual + self.group} larger than context={context}: nothing is quantized"
-            )
+            total = self.residual + self.group
+            raise ValueError(f"residual+group={total} larger than context={context}: nothing is quantized")
 
     def vg(self, head_dim: int) -> int:
         return self.v_group or head_dim
@@ -128,11 +129,13 @@ class KiviBuffer:
         if f <= 0:
             return
         s, G = self.s, self.s.group
-        kc, ks, kz = qr.quantize_keys(self.k_res[:, :, :f], s.bits, G, mask=self.slot_ok(self.nq, nq)[..., None])
-        vc, vs, vz = qr.quantize_values(self.v_res[:, :, :f], s.bits, self.vg)
-        cat = lambda old, new: new if old is None else torch.cat([old, new], dim=2)  # noqa: E731
-        self.k_codes, self.k_scale, self.k_zero = cat(self.k_codes, kc), cat(self.k_scale, ks), cat(self.k_zero, kz)
-        self.v_codes, self.v_scale, self.v_zero = cat(self.v_codes, vc), cat(self.v_scale, vs), cat(self.v_zero, vz)
+        key_ok = self.slot_ok(self.nq, nq)[..., None]
+        kq = qr.quantize_keys(self.k_res[:, :, :f], s.bits, G, key_ok)
+        vq = qr.quantize_values(self.v_res[:, :, :f], s.bits, self.vg)
+        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+        for name, t in zip(names, kq + vq, strict=True):
+            old = getattr(self, name)
+            setattr(self, name, t if old is None else torch.cat([old, t], dim=2))
         self.k_res, self.v_res = self.k_res[:, :, f:].contiguous(), self.v_res[:, :, f:].contiguous()
         self.nq = nq
 
@@ -155,7 +158,7 @@ class KiviBuffer:
         return tensor_bytes(*self.tensors().values())
 
 
-def attend_over(stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, q, k_new, v_new, valid_new, scale):
+def attend_over(stored: tuple[torch.Tensor, ...] | None, q, k_new, v_new, valid_new, scale) -> torch.Tensor:
     """Attention over stored (K, V, validity) plus the new tokens (full precision, causal)."""
     B, Hg = k_new.shape[0], k_new.shape[1]
     ok_new = valid_new[:, None, :].expand(B, Hg, -1)

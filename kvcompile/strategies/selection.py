@@ -30,7 +30,9 @@ class SinkWindow(Selection):
     """
 
     name: ClassVar[str] = "sink_window"
-    paper: ClassVar[str] = "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
+    paper: ClassVar[str] = (
+        "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
+    )
     sinks: int = 4
     window: int = 252
 
@@ -60,7 +62,9 @@ class HeavyHitter(Selection):
     """
 
     name: ClassVar[str] = "heavy_hitter"
-    paper: ClassVar[str] = "Zhang et al. 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference (arXiv:2306.14048)"
+    paper: ClassVar[str] = (
+        "Zhang et al. 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference (arXiv:2306.14048)"
+    )
     observe: ClassVar[str] = "all"
     keeps_score: ClassVar[bool] = True
     budget: int = 256
@@ -97,7 +101,9 @@ class SnapKV(Selection):
     """
 
     name: ClassVar[str] = "snapkv"
-    paper: ClassVar[str] = "Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation (arXiv:2404.14469)"
+    paper: ClassVar[str] = (
+        "Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation (arXiv:2404.14469)"
+    )
     observe: ClassVar[str] = "window"
     budget: int = 224
     obs_window: int = 32
