@@ -46,7 +46,9 @@ def make_inputs(n: int, hg: int, d: int, pad: int, seed: int = 0):
 
 
 def new_store(s: Strategy, hg: int, d: int):
-    return s.new_store(batch=B, num_heads=hg, head_dim=d, gqa=G, dtype=torch.float32, device=torch.device("cpu"))
+    return s.new_store(
+        batch=B, num_heads=hg, head_dim=d, gqa=G, dtype=torch.float32, device=torch.device("cpu")
+    )
 
 
 def step(store, q, k, v, valid):
@@ -92,12 +94,16 @@ def test_lossless_configs_match_reference_attention(s, d):
     q, k, v, valid = make_inputs(n, hg, d, pad=6, seed=d)
     st = new_store(s, hg, d)
     out = step(st, q[:, :, :pre], k[:, :, :pre], v[:, :, :pre], valid[:, :pre])
-    ref, _ = reference_attention(q[:, :, :pre], k[:, :, :pre], v[:, :, :pre], valid[:, None, :pre], SCALE, pre)
+    ref, _ = reference_attention(
+        q[:, :, :pre], k[:, :, :pre], v[:, :, :pre], valid[:, None, :pre], SCALE, pre
+    )
     real = valid[:, None, :pre, None]  # padding queries are undefined
     torch.testing.assert_close(out * real, ref * real, atol=2e-5, rtol=1e-4)
     for t in range(pre, n):
         out = step(st, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], valid[:, t : t + 1])
-        ref, _ = reference_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], valid[:, None, : t + 1], SCALE)
+        ref, _ = reference_attention(
+            q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], valid[:, None, : t + 1], SCALE
+        )
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 

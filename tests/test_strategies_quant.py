@@ -12,7 +12,9 @@ B, G, SCALE = 2, 3, 0.125
 
 
 def store_of(s, hg, d):
-    return s.new_store(batch=B, num_heads=hg, head_dim=d, gqa=G, dtype=torch.float32, device=torch.device("cpu"))
+    return s.new_store(
+        batch=B, num_heads=hg, head_dim=d, gqa=G, dtype=torch.float32, device=torch.device("cpu")
+    )
 
 
 def step(store, q, k, v, valid):
@@ -48,7 +50,9 @@ def kivi_groups_reference(x, bits, group, axis):
     s16, z16 = s.half().float(), mn.half().float()
     code = torch.where(s16 > 0, torch.round((u - z16) / torch.where(s16 > 0, s16, 1)).clamp(0, L), 0)
     xhat = (code * s16 + z16).flatten(-2).movedim(-1, axis)
-    bound = (s16 / 2 + L * (s - s16).abs() + (mn - z16).abs() + 1e-6).expand_as(u).flatten(-2).movedim(-1, axis)
+    bound = (
+        (s16 / 2 + L * (s - s16).abs() + (mn - z16).abs() + 1e-6).expand_as(u).flatten(-2).movedim(-1, axis)
+    )
     return xhat, bound
 
 

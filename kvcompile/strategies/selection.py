@@ -93,8 +93,8 @@ class SnapKV(Selection):
     """SnapKV (Li et al., arXiv:2404.14469): at prefill, score each prefix token by the attention
     the last ``obs_window`` queries give it (summed over those queries and the G query heads),
     smooth with a 1-D max-pool (``pool_kernel``, stride 1, padding k//2), keep the top ``budget``
-    prefix tokens plus the observation window. Later tokens are all kept, or only the latest
-    ``decode_window`` of them when set.
+    prefix tokens plus the observation window (pooling ties broken by the unpooled mass). Later
+    tokens are all kept, or only the latest ``decode_window`` of them when set.
 
     ``bytes_for(n)`` is the size after a prefill of ``n`` tokens; use ``bytes_for_seq`` for
     prefill + decode.
@@ -143,7 +143,10 @@ class SnapKV(Selection):
                 raise ValueError("snapkv: append() at prefill needs the preceding attend() (observation)")
             prefix = n - self.obs_window
             prio = torch.full(pos.shape, TIER, dtype=torch.float64, device=pos.device) + pos.double()
-            prio[..., :prefix] = self.pooled_scores(mass, prefix).double()
+            # max-pooling creates plateaus of equal scores: break ties by the token's own mass
+            # (< 1e-9 relative, below float32 resolution of the pooled score, so never reorders it)
+            raw = mass[..., :prefix].double()
+            prio[..., :prefix] = self.pooled_scores(mass, prefix).double() + 1e-9 * raw
             return prio, self.cap()
         if self.decode_window is None:
             return None
