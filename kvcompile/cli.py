@@ -1,0 +1,167 @@
+"""The ``kvcompile`` command line: compile, inspect, targets, eval, bench.
+
+Every expected failure (bad plan file, unknown target, unloadable model, uncapturable model, bad
+setting) prints one line on stderr and exits with status 2, without a traceback.
+
+Example
+-------
+::
+
+    kvcompile compile llama-3-70b --target h100-sxm:8 --context 8192 -o out/llama70b.kvplan
+    kvcompile inspect out/llama70b.kvplan --batch 16
+    kvcompile targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvcompile", description="Compile an LLM into a per-head KV-cache plan.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into a .kvplan file")
+    c.add_argument("model", help="smollm2-135m, a config name (llama-3-70b ...), .gguf, .json or HF dir")
+    c.add_argument("--target", "-t", default="h100", help="target NAME or NAME:N (see `kvcompile targets`)")
+    c.add_argument("--gpus", type=int, default=None, help="GPUs in the node (overrides NAME:N)")
+    c.add_argument("--context", type=int, default=4096, help="tokens per sequence the plan is built for")
+    c.add_argument("--batch", type=int, default=1, help="sequences served together")
+    c.add_argument("--kv-budget", type=float, default=None, help="KV budget, fraction of full bf16")
+    c.add_argument("--kv-budget-bytes", type=int, default=None, help="KV budget in bytes")
+    c.add_argument("--latency-budget", type=float, default=None, help="decode step latency budget in seconds")
+    c.add_argument("--tolerance", type=float, default=None, help="allowed quality loss (passes/README.md)")
+    c.add_argument("--objective", default="min-damage", help="planner objective")
+    c.add_argument("--calibration", default=None, help="calibration set name")
+    c.add_argument("--no-progress", action="store_true", help="no per-stage lines on stderr")
+    c.add_argument("-o", "--output", default=None, help="output file (default out/<model>.kvplan)")
+
+    i = sub.add_parser("inspect", help="print a plan: per layer / KV head strategies and bytes, totals")
+    i.add_argument("plan")
+    i.add_argument("--context", type=int, default=None, help="show bytes at this context (default: plan's)")
+    i.add_argument("--batch", type=int, default=None, help="show bytes at this batch (default: plan's)")
+    i.add_argument("--heatmap", default=None, metavar="PNG", help="also save a layer x head heatmap")
+
+    sub.add_parser("targets", help="list hardware targets")
+    sub.add_parser("eval", help="evaluate a plan (see `kvcompile eval --help`)", add_help=False)
+    sub.add_parser("bench", help="benchmark kernels (see `kvcompile bench --help`)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kvcompile`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATES:
+        return _delegate(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except _expected_errors() as e:
+        print(f"kvcompile {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .api import optimize
+
+    t0 = time.perf_counter()
+    plan = optimize(
+        args.model,
+        target=args.target,
+        context=args.context,
+        batch=args.batch,
+        kv_budget=args.kv_budget,
+        kv_budget_bytes=args.kv_budget_bytes,
+        latency_budget_s=args.latency_budget,
+        tolerance=args.tolerance,
+        objective=args.objective,
+        calibration=args.calibration,
+        gpus=args.gpus,
+        progress=not args.no_progress,
+    )
+    out = Path(args.output or f"out/{Path(args.model).stem}.kvplan")
+    plan.save(out)
+    dt = time.perf_counter() - t0
+    from .report import fmt_bytes
+
+    pr = plan.predicted
+    t = plan.target
+    m = plan.model
+    print(f"model    {m.name} ({m.arch}, {len(m.sites)} attention layers, {m.dtype})")
+    print(f"target   {t.name} x{t.gpus}, context {plan.config.context}, batch {plan.config.batch}")
+    print(
+        f"full KV  {pr['full_kv_bytes_per_token']} B/token ({plan.model.dtype}), "
+        f"{pr['full_bf16_kv_bytes_per_token']} B/token (bfloat16)"
+    )
+    print(
+        f"plan KV  {fmt_bytes(pr['kv_bytes_at_context'])} at context "
+        f"({pr['kv_bytes_at_context'] / pr['full_kv_bytes_at_context']:.3f} x full)"
+    )
+    print(f"wrote    {out} (hash {plan.content_hash[:12]}) in {dt:.1f} s")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .plan import load
+    from .report import heatmap, render_inspect
+
+    plan = load(args.plan)
+    print(render_inspect(plan, context=args.context, batch=args.batch))
+    if args.heatmap:
+        print(f"\nheatmap written to {heatmap(plan, args.heatmap, context=args.context, batch=args.batch)}")
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from .report import targets_table
+    from .targets import available
+
+    print(targets_table(available()))
+    return 0
+
+
+_COMMANDS = {"compile": _compile, "inspect": _inspect, "targets": _targets}
+_DELEGATES = {"eval": "kvcompile.eval.cli", "bench": "kvcompile.codegen.bench"}
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    """``kvcompile eval|bench ...`` -> ``<module>.main(argv)``, imported only when asked for."""
+    module = _DELEGATES[command]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            msg = f"kvcompile {command}: not available in this install ({module} is missing)"
+            print(msg, file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    try:
+        return int(mod.main(argv) or 0)
+    except _expected_errors() as e:
+        print(f"kvcompile {command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from .capture import CaptureError
+    from .models import ModelLoadError
+    from .passes import PassError
+    from .plan import PlanError
+    from .targets import TargetError
+
+    return (PlanError, TargetError, ModelLoadError, CaptureError, PassError, ValueError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())

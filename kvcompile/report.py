@@ -1,0 +1,217 @@
+"""Human-readable renderings of a plan (``kvcompile inspect``) and of the target list.
+
+``render_inspect(plan)`` joins the sections in ``SECTIONS`` (each ``fn(plan, view) -> str | None``,
+``None`` = nothing to show). To add a section (per-GPU memory, schedule, kernels ...), write a
+function with that signature here or in your own module and append it to ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from .ir import dtype_bytes
+from .plan import Plan
+from .targets import Target, load_target
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """The serving point a plan is shown at (defaults: the plan's own context and batch)."""
+
+    context: int
+    batch: int
+
+    @classmethod
+    def of(cls, plan: Plan, context: int | None = None, batch: int | None = None) -> View:
+        ctx = plan.config.context if context is None else context
+        b = plan.config.batch if batch is None else batch
+        if ctx <= 0 or b <= 0:
+            raise ValueError(f"context={ctx} and batch={b} must be positive")
+        return cls(ctx, b)
+
+
+def fmt_bytes(n: float) -> str:
+    """``1536 -> '1.50 KiB'`` (binary units)."""
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(x) < 1024 or unit == "TiB":
+            return f"{int(x)} B" if unit == "B" else f"{x:.2f} {unit}"
+        x /= 1024
+    return f"{x:.2f} TiB"  # unreachable
+
+
+def head_bytes(plan: Plan, view: View) -> list[list[int]]:
+    """``[layer][kv_head]`` -> bytes that head holds at ``view.context`` for ``view.batch`` sequences."""
+    db = dtype_bytes(plan.model.dtype)
+    return [
+        [s.bytes_for(view.context, site.head_dim, db) * view.batch for s in row]
+        for site, row in zip(plan.model.sites, plan.strategies(), strict=True)
+    ]
+
+
+def header(plan: Plan, view: View) -> str:
+    m, t = plan.model, plan.target
+    where = "meta device (no weights)" if m.on_meta else "real weights"
+    gpus = f"{t.name} x{t.gpus}" if t.gpus > 1 else t.name
+    return "\n".join(
+        [
+            f"plan {plan.content_hash[:12]}  kvcompile {plan.kvcompile_version}  "
+            f"schema {plan.schema_version}",
+            f"model   {m.name} ({m.arch}, {m.dtype}, {m.num_params / 1e9:.3g}B params, {where})",
+            f"target  {gpus}  ({fmt_bytes(t.memory_bytes)} and {t.memory_bandwidth / 1e12:.2f} TB/s per GPU)",
+            f"serving context {view.context} tokens x batch {view.batch}; objective {plan.config.objective}",
+        ]
+    )
+
+
+def layer_table(plan: Plan, view: View) -> str:
+    """Per layer and KV head: strategy label and bytes at context. Runs of identical layers are merged."""
+    strategies = plan.strategies()
+    per_head = head_bytes(plan, view)
+    rows: list[tuple[str, str, str, str]] = []
+    i = 0
+    n = len(plan.layers)
+    while i < n:
+        key = _layer_key(plan, strategies, i)
+        j = i
+        while j + 1 < n and _layer_key(plan, strategies, j + 1) == key:
+            j += 1
+        site = plan.model.sites[i]
+        row, sizes = strategies[i], per_head[i]
+        pairs = enumerate(zip(row, sizes, strict=True))
+        heads = "  ".join(f"h{h}:{s.label()} {fmt_bytes(b)}" for h, (s, b) in pairs)
+        if len({s.label() for s in row}) == 1 and len(row) > 1:
+            heads = f"h0-h{len(row) - 1}: {row[0].label()}  {fmt_bytes(sizes[0])} each"
+        layers = str(i) if i == j else f"{i}-{j}"
+        window = str(site.sliding_window) if site.sliding_window else "-"
+        total = fmt_bytes(sum(per_head[i]) * (j - i + 1)) + ("" if i == j else f" ({j - i + 1} layers)")
+        rows.append((layers, window, heads, total))
+        i = j + 1
+    w0 = max(len("layer"), *(len(r[0]) for r in rows))
+    w1 = max(len("window"), *(len(r[1]) for r in rows))
+    w2 = max(len("KV heads: strategy, bytes at context"), *(len(r[2]) for r in rows))
+    lines = [f"{'layer':>{w0}}  {'window':>{w1}}  {'KV heads: strategy, bytes at context':<{w2}}  bytes"]
+    lines.append("-" * len(lines[0]) + "-" * 8)
+    lines += [f"{a:>{w0}}  {b:>{w1}}  {c:<{w2}}  {d}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def _layer_key(plan: Plan, strategies: list[list[Any]], i: int) -> tuple[Any, ...]:
+    s = plan.model.sites[i]
+    labels = tuple(x.label() for x in strategies[i])
+    return (s.num_kv_heads, s.head_dim, s.v_head_dim, s.sliding_window, labels)
+
+
+def totals(plan: Plan, view: View) -> str:
+    """KV bytes vs the full cache and vs the node's memory at the view's context and batch."""
+    kv = plan.predicted_kv_bytes(view.context, view.batch)
+    full = plan.full_kv_bytes(view.context, view.batch)
+    full_bf16 = plan.full_kv_bytes(view.context, view.batch, dtype="bfloat16")
+    t = plan.target
+    node_mem = t.memory_bytes * t.gpus
+    weights = plan.model.param_bytes
+    free = node_mem - weights - kv
+    per_token_full = plan.full_kv_bytes(1, 1)
+    per_token_bf16 = plan.full_kv_bytes(1, 1, dtype="bfloat16")
+    lines = [
+        f"full-cache KV bytes/token   {per_token_full} B ({plan.model.dtype}), {per_token_bf16} B (bfloat16)",
+        f"plan KV at context          {fmt_bytes(kv)}  = {kv / full:.3f} x full {plan.model.dtype} "
+        f"({fmt_bytes(full)}), {kv / full_bf16:.3f} x full bf16 ({fmt_bytes(full_bf16)})",
+        f"node memory                 {fmt_bytes(node_mem)} ({t.gpus} x {fmt_bytes(t.memory_bytes)}): "
+        f"weights {fmt_bytes(weights)} + KV {fmt_bytes(kv)} = {(weights + kv) / node_mem:.1%} used",
+        "fits                        " + ("yes" if free >= 0 else f"NO, short by {fmt_bytes(-free)}"),
+    ]
+    return "\n".join(lines)
+
+
+def predicted_vs_measured(plan: Plan, view: View) -> str | None:
+    """Side by side for keys present in both ``predicted`` and ``measured``; others listed after."""
+    if not plan.measured:
+        return None
+    keys = sorted(set(plan.predicted) | set(plan.measured))
+    w = max(len(k) for k in keys)
+    lines = [f"{'quantity':<{w}}  {'predicted':>16}  {'measured':>16}"]
+    for k in keys:
+        p, m = plan.predicted.get(k, ""), plan.measured.get(k, "")
+        lines.append(f"{k:<{w}}  {_fmt(p):>16}  {_fmt(m):>16}")
+    return "\n".join(lines)
+
+
+def notes(plan: Plan, view: View) -> str | None:
+    return "\n".join(f"note: {n}" for n in plan.notes) or None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return f"<{type(v).__name__} {len(v)}>"
+    return str(v)
+
+
+Section = Callable[[Plan, View], "str | None"]
+SECTIONS: list[tuple[str, Section]] = [
+    ("header", header),
+    ("layers", layer_table),
+    ("totals", totals),
+    ("predicted vs measured", predicted_vs_measured),
+    ("notes", notes),
+]
+
+
+def render_inspect(plan: Plan, context: int | None = None, batch: int | None = None) -> str:
+    """The full ``kvcompile inspect`` text: every non-empty section of ``SECTIONS``, in order."""
+    view = View.of(plan, context, batch)
+    parts = [text for _, fn in SECTIONS if (text := fn(plan, view))]
+    return "\n\n".join(parts)
+
+
+def heatmap(plan: Plan, path: str, context: int | None = None, batch: int | None = None) -> str:
+    """Save a layer x KV-head heatmap of bytes at context relative to the full cache (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    view = View.of(plan, context, batch)
+    db = dtype_bytes(plan.model.dtype)
+    per_head = head_bytes(plan, view)
+    ratio = [
+        [b / (view.context * (s.head_dim + s.v_head_dim) * db * view.batch) for b in row]
+        for s, row in zip(plan.model.sites, per_head, strict=True)
+    ]
+    width = max(len(r) for r in ratio)
+    grid = [r + [float("nan")] * (width - len(r)) for r in ratio]
+    fig, ax = plt.subplots(figsize=(2 + 0.4 * width, 1.5 + 0.12 * len(grid)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1.0, max(max(r) for r in ratio)))
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{plan.model.name}: KV bytes / full at {view.context} tokens")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def targets_table(names: list[str]) -> str:
+    """``kvcompile targets``: one row per target file."""
+    rows = []
+    for name in names:
+        t: Target = load_target(name)
+        rows.append(
+            (
+                t.name,
+                f"{t.memory_bytes / 2**30:.0f} GiB",
+                f"{t.memory_bandwidth / 1e12:.2f} TB/s",
+                f"{t.flops['bf16'] / 1e12:.0f}",
+                "yes" if t.supports_fp8 else "no",
+                t.description,
+            )
+        )
+    head = ("target", "memory", "bandwidth", "bf16 TFLOP/s", "fp8 KV", "description")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head[:-1])]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows])
