@@ -1,0 +1,122 @@
+"""Device helpers shared by the decode kernels: query load, online softmax, split-K partials + reduce.
+
+Conventions (every decode kernel follows them):
+
+* one program serves one (batch row, KV head, split): the ``G`` query heads of that KV head are the
+  rows of a ``[BLOCK_G, BLOCK_D]`` tile (GQA-aware: K/V bytes are read once for all ``G`` heads);
+* scores live in the log2 domain: ``q`` is pre-multiplied by ``scale * log2(e)`` so ``exp2`` replaces
+  ``exp``; masked keys carry ``-inf``;
+* a program writes a partial ``(m, lsum, acc)`` (running max, running sum, unnormalised output) for its
+  split; :func:`_reduce_splits_kernel` merges the splits (flash-decoding, Dao et al. 2023):
+  ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` with ``M = max_s m_s``; a row whose keys
+  are all masked gets zeros (as :func:`kvcompile.strategies.reference_attention`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# main-region storage formats (constexpr ids shared by the dense, quant and mixed kernels)
+FMT_FULL, FMT_FP8, FMT_COMPACT, FMT_QUANT = 0, 1, 2, 3
+FORMAT_IDS = {"full": FMT_FULL, "fp8": FMT_FP8, "compact": FMT_COMPACT, "quant": FMT_QUANT}
+
+
+@triton.jit
+def _e4m3_to_f32(bits):
+    """Decode float8 e4m3fn bit patterns (uint8) to float32: ``(-1)^s 2^(e-7) (1 + m/8)``, subnormal
+    ``(-1)^s 2^-6 m/8`` when ``e == 0``, NaN for ``e == 15, m == 7`` (no infinities in e4m3fn)."""
+    b = bits.to(tl.int32)
+    e = (b >> 3) & 15
+    mant = (b & 7).to(tl.float32)
+    normal = (1.0 + mant * 0.125) * tl.exp2((e - 7).to(tl.float32))
+    val = tl.where(e == 0, mant * 0.001953125, normal)  # 0.125 * 2^-6
+    val = tl.where((e == 15) & ((b & 7) == 7), float("nan"), val)
+    return tl.where((b & 128) != 0, -val, val)
+
+
+@triton.jit
+def _load_q(
+    q_ptr,
+    b,
+    hq0,
+    Hq,
+    qk_scale,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rows ``hq0 .. hq0+G-1`` of ``q`` [B, Hq, D] times ``qk_scale``: f32 [BLOCK_G, BLOCK_D] tile."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = q_ptr + (b * Hq + hq0 + offs_g[:, None]) * D + offs_d[None, :]
+    mask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * qk_scale
+
+
+@triton.jit
+def _online_update(m, lsum, acc, s, v):
+    """One online-softmax step: ``s`` [BG, BN] log2-domain scores (-inf = masked), ``v`` [BN, BD] f32."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep p = alpha = 0
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    lsum = lsum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    return m_new, lsum, acc
+
+
+@triton.jit
+def _store_partial(m_ptr, l_ptr, acc_ptr, row, m, lsum, acc, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Write one split's (m, lsum, acc) at ``row`` = (b * H + h) * NUM_SPLITS + split (padded tiles)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(m_ptr + row * BLOCK_G + offs_g, m)
+    tl.store(l_ptr + row * BLOCK_G + offs_g, lsum)
+    tl.store(acc_ptr + (row * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    out_ptr,
+    H,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[b, h*G + g, :] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s (0 if lsum = 0).
+
+    Grid: (B * H,). ``out`` is [B, H * G, D] in the output dtype.
+    """
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    big_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        big_m = tl.maximum(big_m, tl.load(m_ptr + (pid * NUM_SPLITS + s) * BLOCK_G + offs_g))
+    m_safe = tl.where(big_m == float("-inf"), 0.0, big_m)
+    l_tot = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        row = pid * NUM_SPLITS + s
+        w = tl.exp2(tl.load(m_ptr + row * BLOCK_G + offs_g) - m_safe)
+        l_tot += w * tl.load(l_ptr + row * BLOCK_G + offs_g)
+        acc += w[:, None] * tl.load(acc_ptr + (row * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :])
+    out = tl.where(l_tot[:, None] > 0, acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None], 0.0)
+    mask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
+    ptrs = out_ptr + (b * H * G + h * G + offs_g[:, None]) * D + offs_d[None, :]
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# jit helpers in dependency order, for rendering kernel sources (see kvcompile.codegen.cache)
+COMMON_SOURCES = (_e4m3_to_f32, _load_q, _online_update, _store_partial, _reduce_splits_kernel)
