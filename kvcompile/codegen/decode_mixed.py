@@ -1,0 +1,242 @@
+"""One fused decode-attention launch per layer whose KV heads use different storage formats.
+
+A layer's head groups (each a set of KV heads sharing a strategy, see ``runtime.cache.group_heads``)
+become *slots*: per slot, a constexpr spec ``(format id, bits, group, v_group)``, a tuple of six
+storage tensors, an fp tail (residual and/or new tokens) and four ints ``(Hg, N, Nt, tail_pos0)``.
+A per-KV-head table ``[Hkv, 2]`` int32 gives each layer KV head its ``(slot, head within the group)``.
+Program ``(b * Hkv + h, split)`` loads the table entry and branches on the slot (a uniform branch per
+program; every branch is compiled in, so the layer costs one launch whatever its mix), then runs the
+same per-format token loops as the single-format kernels (:func:`_quant_tokens`, :func:`_dense_tokens`)
+and writes split partials that the shared reduce merges directly into query-head order.
+
+Slot tensors by format: full ``(k, v, -, -, -, -)``; fp8 ``(k bits, v bits, k_scale, v_scale, -, -)``;
+compact ``(k, v, pos, -, -, -)``; quant ``(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FMT_COMPACT, FMT_FP8, FMT_FULL, FMT_QUANT, FORMAT_IDS, LOG2E, _load_q, _store_partial
+from ._launch import (
+    FLOAT_DTYPES,
+    alloc_partials,
+    check_tensor,
+    decode_settings,
+    lead_arg,
+    reduce_splits,
+    split_q,
+    tail_args,
+)
+from .decode_compact import ALWAYS_VALID, _dense_tokens
+from .decode_quant import _quant_tokens, check_quant_layout
+
+
+@triton.jit
+def _decode_mixed_kernel(
+    q_ptr,
+    table_ptr,
+    slots,
+    tails,
+    ints,
+    lead_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    Hkv,
+    qk_scale,
+    SPEC: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    HAS_LEAD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Split-K decode partials for every KV head of a layer; grid (B * Hkv, NUM_SPLITS).
+
+    For layer KV head h with ``(slot, hg) = table[h]``: storage row ``b * Hg[slot] + hg``; split s covers
+    main tokens [s*C, (s+1)*C), C = ceil(ceil(N[slot] / NUM_SPLITS) / BLOCK_N) * BLOCK_N, the last split
+    also the slot's tail. Query rows h*G .. h*G+G-1; partial row (b * Hkv + h) * NUM_SPLITS + s.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // Hkv
+    h = pid % Hkv
+    slot = tl.load(table_ptr + 2 * h)
+    hg = tl.load(table_ptr + 2 * h + 1)
+    q = _load_q(q_ptr, b, h * G, Hkv * G, qk_scale, D, G, BLOCK_G, BLOCK_D)
+    if HAS_LEAD:  # noqa: SIM108 - constexpr branch: one side is compiled
+        lead = tl.load(lead_ptr + b)
+    else:
+        lead = 0
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    lsum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for i in tl.static_range(NUM_SLOTS):
+        if slot == i:
+            t = slots[i]
+            base = b * ints[i][0] + hg
+            n_main = ints[i][1]
+            chunk = tl.cdiv(tl.cdiv(n_main, NUM_SPLITS), BLOCK_N) * BLOCK_N
+            lo = split * chunk
+            hi = tl.minimum(lo + chunk, n_main)
+            if SPEC[i][0] == 3:
+                m, lsum, acc = _quant_tokens(
+                    q, m, lsum, acc, base, lo, hi, n_main, t[0], t[1], t[2], t[3], t[4], t[5], lead,
+                    D, SPEC[i][1], SPEC[i][2], SPEC[i][3], BLOCK_N, BLOCK_D,
+                )  # fmt: skip
+            else:
+                k_scale = 1.0
+                v_scale = 1.0
+                if SPEC[i][0] == 1:
+                    k_scale = tl.load(t[2] + base)
+                    v_scale = tl.load(t[3] + base)
+                m, lsum, acc = _dense_tokens(
+                    q, m, lsum, acc, base, lo, hi, n_main, t[0], t[1], t[2], k_scale, v_scale, lead, 0,
+                    SPEC[i][0], D, BLOCK_N, BLOCK_D,
+                )  # fmt: skip
+            if split == NUM_SPLITS - 1:
+                n_tail = ints[i][2]
+                m, lsum, acc = _dense_tokens(
+                    q, m, lsum, acc, base, 0, n_tail, n_tail, tails[i][0], tails[i][1], tails[i][0], 1.0, 1.0,
+                    lead, ints[i][3], 0, D, BLOCK_N, BLOCK_D,
+                )  # fmt: skip
+    _store_partial(m_ptr, l_ptr, acc_ptr, pid * NUM_SPLITS + split, m, lsum, acc, BLOCK_G, BLOCK_D)
+
+
+SOURCES = (_decode_mixed_kernel,)
+
+_SLOT_TENSORS = {
+    FMT_FULL: ("k", "v"),
+    FMT_FP8: ("k", "v", "k_scale", "v_scale"),
+    FMT_COMPACT: ("k", "v", "pos"),
+    FMT_QUANT: ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupView:
+    """What the mixed launch needs of one head group: its format, its layer KV heads (in storage
+    order), its storage tensors (names as in the format's layout), quant parameters, and its fp tail
+    ``k_tail``/``v_tail`` [B, Hg, T, D] whose token t sits at position ``tail_pos0 + t``
+    (default: right after the main tokens; never masked for compacted storage)."""
+
+    fmt: str
+    kv_heads: tuple[int, ...]
+    tensors: Mapping[str, torch.Tensor]
+    bits: int = 0
+    group: int = 0
+    v_group: int = 0
+    k_tail: torch.Tensor | None = None
+    v_tail: torch.Tensor | None = None
+    tail_pos0: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMAT_IDS:
+            raise ValueError(f"fmt={self.fmt!r} not allowed; choose one of {list(FORMAT_IDS)}")
+        missing = [n for n in _SLOT_TENSORS[FORMAT_IDS[self.fmt]] if n not in self.tensors]
+        if missing:
+            raise ValueError(f"{self.fmt} group {self.kv_heads}: missing tensors {missing}")
+
+    @property
+    def spec(self) -> tuple[int, int, int, int]:
+        """The slot's constexpr spec (format id, bits, group, v_group)."""
+        return (FORMAT_IDS[self.fmt], self.bits, self.group, self.v_group)
+
+
+def _slot_args(g: GroupView, B: int, D: int, dev: torch.device):
+    fid = FORMAT_IDS[g.fmt]
+    Hg = len(g.kv_heads)
+    t = dict(g.tensors)
+    if fid == FMT_QUANT:
+        n = check_quant_layout(f"{g.fmt}{g.kv_heads}.", t, B, Hg, D, g.bits, g.group, g.v_group, dev)
+    else:
+        if fid == FMT_FP8:
+            t["k"], t["v"] = (
+                x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x for x in (t["k"], t["v"])
+            )
+        n = t["k"].shape[2] if t["k"].dim() == 4 else -1
+        dtypes = (torch.uint8,) if fid == FMT_FP8 else FLOAT_DTYPES
+        check_tensor(f"{g.fmt}{g.kv_heads}.k", t["k"], (B, Hg, n, D), dtypes, dev)
+        check_tensor(f"{g.fmt}{g.kv_heads}.v", t["v"], (B, Hg, n, D), dtypes, dev)
+        if fid == FMT_FP8:
+            for name in ("k_scale", "v_scale"):
+                check_tensor(f"fp8{g.kv_heads}.{name}", t[name], (B, Hg), (torch.float32,), dev)
+        if fid == FMT_COMPACT:
+            check_tensor(f"compact{g.kv_heads}.pos", t["pos"], (B, Hg, n), (torch.int32, torch.int64), dev)
+    names = _SLOT_TENSORS[fid]
+    tensors = tuple(t[names[i]] if i < len(names) else t[names[0]] for i in range(6))
+    kt, vt, nt = tail_args(g.k_tail, g.v_tail, B, Hg, D, dev)
+    pos0 = g.tail_pos0 if g.tail_pos0 is not None else (ALWAYS_VALID if fid == FMT_COMPACT else n)
+    return tensors, (kt, vt), (Hg, n, nt, pos0)
+
+
+def head_table(groups: Sequence[GroupView], num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """[Hkv, 2] int32: (slot, head within its group) of every layer KV head; each head exactly once."""
+    table = torch.full((num_kv_heads, 2), -1, dtype=torch.int32)
+    for s, g in enumerate(groups):
+        for j, h in enumerate(g.kv_heads):
+            if not 0 <= h < num_kv_heads or table[h, 0] >= 0:
+                raise ValueError(f"kv_heads: head {h} out of range or in two groups")
+            table[h] = torch.tensor([s, j], dtype=torch.int32)
+    if (table[:, 0] < 0).any():
+        raise ValueError(
+            f"kv_heads: heads {(table[:, 0] < 0).nonzero().flatten().tolist()} belong to no group"
+        )
+    return table.to(device)
+
+
+def decode_mixed(
+    q: torch.Tensor,
+    groups: Sequence[GroupView],
+    *,
+    scale: float | None = None,
+    lead: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    kernels=None,
+) -> torch.Tensor:
+    """Decode attention of a whole layer in one launch (+ the split reduce).
+
+    ``q`` [B, Hkv*G, 1, D] in query-head order (query head j reads layer KV head j // G); ``groups``
+    cover every layer KV head once. Returns [B, Hkv*G, 1, D] in q's dtype.
+
+    >>> out = decode_mixed(q, [GroupView("quant", (0, 2), qt, bits=4, group=32, v_group=64),
+    ...                        GroupView("full", (1,), {"k": k, "v": v})])  # doctest: +SKIP
+    """
+    q3, four_d = split_q(q)
+    B, Hq, D = q3.shape
+    if not groups:
+        raise ValueError("groups: at least one head group is required")
+    Hkv = sum(len(g.kv_heads) for g in groups)
+    if Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads, not a multiple of the {Hkv} KV heads of the groups")
+    if q3.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q: dtype {q3.dtype} not in {list(FLOAT_DTYPES)}")
+    G = Hq // Hkv
+    dev = q3.device
+    table = head_table(groups, Hkv, dev)
+    args = [_slot_args(g, B, D, dev) for g in groups]
+    lead_t, has_lead = lead_arg(lead, B, dev)
+    longest = max(a[2][1] + a[2][2] for a in args)
+    s = decode_settings(longest, D, G, B * Hkv, dev, num_splits)
+    parts = alloc_partials(B, Hkv, s, dev)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    main, red = kernels or (_decode_mixed_kernel, None)
+    main[(B * Hkv, s.num_splits)](
+        q3, table, tuple(a[0] for a in args), tuple(a[1] for a in args), tuple(a[2] for a in args), lead_t,
+        *parts, Hkv, scale * LOG2E, SPEC=tuple(g.spec for g in groups), NUM_SLOTS=len(groups), D=D, G=G,
+        HAS_LEAD=has_lead, BLOCK_G=s.block_g, BLOCK_N=s.block_n, BLOCK_D=s.block_d, NUM_SPLITS=s.num_splits,
+        num_warps=s.num_warps,
+    )  # fmt: skip
+    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
+    reduce_splits(parts, out, Hkv, D, G, s, red)
+    return out[:, :, None] if four_d else out
