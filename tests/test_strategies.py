@@ -83,6 +83,7 @@ LOSSLESS = [
     REGISTRY["sink_window"](sinks=4, window=200),
     REGISTRY["heavy_hitter"](budget=300, recent=10),
     REGISTRY["snapkv"](budget=200, obs_window=8),
+    REGISTRY["think"](keep_ratio=1.0),
 ]
 
 

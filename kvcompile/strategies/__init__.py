@@ -12,13 +12,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import Store, Strategy, reference_attention
+from .compose import Compose, MiKV
 from .fp8 import FP8
 from .full import Full
 from .quant import Quant
 from .selection import HeavyHitter, SinkWindow, SnapKV
+from .think import ThinK
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Full, FP8, Quant, SinkWindow, HeavyHitter, SnapKV)
+    cls.name: cls for cls in (Full, FP8, Quant, SinkWindow, HeavyHitter, SnapKV, ThinK, Compose, MiKV)
 }
 
 
@@ -61,18 +63,16 @@ def default_instances(context: int) -> list[Strategy]:
         out.append(SinkWindow(sinks=sinks, window=n - sinks))
         out.append(HeavyHitter(budget=n, recent=n // 2))
         out.append(SnapKV(budget=n - obs, obs_window=obs))
-    if "think" in REGISTRY:
-        out += [REGISTRY["think"](keep_ratio=r) for r in (0.5, 0.25)]
-    if "compose" in REGISTRY:
-        for n in budgets[1:3]:
-            obs = min(32, n // 4)
-            for bits in (4, 2):
-                q = Quant(bits=bits, group=32)
-                out.append(REGISTRY["compose"](select=SnapKV(budget=n - obs, obs_window=obs), quant=q))
-                out.append(REGISTRY["compose"](select=SinkWindow(sinks=4, window=n - 4), quant=q))
-    if "mikv" in REGISTRY:
-        for n in budgets[1:3]:
-            out.append(REGISTRY["mikv"](select=HeavyHitter(budget=n, recent=n // 2), low_bits=2))
+    out += [ThinK(keep_ratio=r) for r in (0.5, 0.25)]
+    for n in budgets[:2]:  # selection at 50 % / 25 % of the tokens, then 4- or 2-bit codes
+        obs = min(32, n // 4)
+        for bits in (4, 2):
+            q = Quant(bits=bits, group=32)
+            if n >= q.residual + q.group:
+                out.append(Compose(select=SnapKV(budget=n - obs, obs_window=obs), quant=q))
+                out.append(Compose(select=SinkWindow(sinks=4, window=n - 4), quant=q))
+    for n in budgets[1:3]:
+        out.append(MiKV(select=HeavyHitter(budget=n, recent=n // 2), low_bits=2))
     return out
 
 
@@ -83,10 +83,13 @@ __all__ = [
     "Strategy",
     "from_spec",
     "reference_attention",
+    "Compose",
     "FP8",
     "Full",
     "HeavyHitter",
+    "MiKV",
     "Quant",
     "SinkWindow",
     "SnapKV",
+    "ThinK",
 ]

@@ -50,10 +50,18 @@ class Selection(Strategy):
         return 2 * head_dim * dtype_bytes + 4 + (4 if self.keeps_score else 0)
 
     def kept(self, tokens: int) -> int:
+        """Tokens a head holds after a prefill of ``tokens`` (empty slots of short rows included)."""
         return min(tokens, self.cap())
+
+    def kept_seq(self, prefill: int, decoded: int) -> int:
+        """Tokens held after a prefill then ``decoded`` later tokens (eviction after every append)."""
+        return self.kept(prefill + decoded)
 
     def bytes_for(self, tokens: int, head_dim: int, dtype_bytes: int) -> int:
         return self.kept(tokens) * self.token_bytes(head_dim, dtype_bytes)
+
+    def bytes_for_seq(self, prefill: int, decoded: int, head_dim: int, dtype_bytes: int) -> int:
+        return self.kept_seq(prefill, decoded) * self.token_bytes(head_dim, dtype_bytes)
 
     def validate_for(self, *, head_dim: int, context: int | None = None) -> None:
         if context is not None and self.cap() >= context:
@@ -87,20 +95,29 @@ class SelectStore(Store):
         self.prefill = 0
         self.tokens_seen = 0
         self._mass: torch.Tensor | None = None  # attention mass observed by the last attend()
+        self.collect_evicted = False  # MiKV: keep the last append's evicted (k, v, pos) in .evicted
+        self.evicted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def attend(self, q, k_new, v_new, valid_new, scale):
+        return self.attend_with(None, q, k_new, v_new, valid_new, scale)
+
+    def attend_with(self, extra, q, k_new, v_new, valid_new, scale):
+        """Attend over ``extra`` keys (K, V, validity [B, Hg|1, Ne], e.g. MiKV's low-bit tokens),
+        then this store's tokens, then the new ones; observe the mass of the latter two."""
         B, Hg, T = k_new.shape[:3]
-        key_ok = valid_new[:, None, :].expand(B, Hg, T)
-        k, v = k_new, v_new
+        parts = [] if extra is None else [(extra[0], extra[1], extra[2].expand(B, Hg, -1))]
         if self.k is not None:
-            k = torch.cat([self.k.to(k_new.dtype), k_new], 2)
-            v = torch.cat([self.v.to(v_new.dtype), v_new], 2)
-            key_ok = torch.cat([self.pos >= 0, key_ok], dim=2)
+            parts.append((self.k, self.v, self.pos >= 0))
+        parts.append((k_new, v_new, valid_new[:, None, :].expand(B, Hg, T)))
+        k = torch.cat([p[0].to(k_new.dtype) for p in parts], dim=2)
+        v = torch.cat([p[1].to(v_new.dtype) for p in parts], dim=2)
+        key_ok = torch.cat([p[2] for p in parts], dim=2)
+        ne = 0 if extra is None else extra[0].shape[2]
         out, mass = masked_attention(q, k, v, key_ok, scale, col_sums=self.s.observe == "all")
         if self.s.observe == "window" and self.k is None:
             w = min(self.s.obs_window, T)
             mass = masked_attention(q[:, :, T - w :], k, v, key_ok, scale, col_sums=True)[1]
-        self._mass = mass
+        self._mass = None if mass is None else mass[..., ne:]
         return out
 
     def append(self, k_new, v_new, q_new, valid_new):
@@ -126,8 +143,18 @@ class SelectStore(Store):
             mass = acc if mass is None else acc + mass
         self.tokens_seen += T
         choice = self.s.priority(pos, mass, self.lead, self.tokens_seen, self.prefill)
+        self.evicted = None
         if choice is not None and choice[1] < pos.shape[-1]:
             idx = keep_top(choice[0], pos, choice[1])
+            if self.collect_evicted:
+                gone = torch.ones_like(pos, dtype=torch.bool).scatter_(2, idx, False)
+                ev = gone.int().argsort(dim=2, descending=True, stable=True)[..., : pos.shape[-1] - choice[1]]
+                ev = torch.gather(ev, 2, torch.gather(pos, 2, ev).sort(dim=2, stable=True).indices)
+                self.evicted = (
+                    torch.gather(k, 2, ev[..., None].expand(-1, -1, -1, k.shape[-1])),
+                    torch.gather(v, 2, ev[..., None].expand(-1, -1, -1, v.shape[-1])),
+                    torch.gather(pos, 2, ev),
+                )
             k = torch.gather(k, 2, idx[..., None].expand(-1, -1, -1, k.shape[-1]))
             v = torch.gather(v, 2, idx[..., None].expand(-1, -1, -1, v.shape[-1]))
             pos = torch.gather(pos, 2, idx)

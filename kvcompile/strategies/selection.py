@@ -122,9 +122,9 @@ class SnapKV(Selection):
     def cap(self) -> int:
         return self.budget + self.obs_window
 
-    def bytes_for_seq(self, prefill: int, decoded: int, head_dim: int, dtype_bytes: int) -> int:
+    def kept_seq(self, prefill: int, decoded: int) -> int:
         later = decoded if self.decode_window is None else min(decoded, self.decode_window)
-        return (self.kept(prefill) + later) * self.token_bytes(head_dim, dtype_bytes)
+        return self.kept(prefill) + later
 
     def pooled_scores(self, mass: torch.Tensor, prefix: int) -> torch.Tensor:
         """Max-pooled observation mass of the ``prefix`` first slots: [B, Hg, prefix] float32."""
