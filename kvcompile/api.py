@@ -53,8 +53,9 @@ def optimize(
 
     Parameters
     ----------
-    model : an ``nn.Module`` (transformers causal LM) or a spec for :func:`kvcompile.models.load`
-        (``"smollm2-135m"``, ``"llama-3-70b"``, a ``.gguf`` / config ``.json`` / HF directory).
+    model : an ``nn.Module`` (transformers causal LM), a :class:`kvcompile.models.Loaded` (its name and
+        tokenizer are used), or a spec for :func:`kvcompile.models.load` (``"smollm2-135m"``,
+        ``"llama-3-70b"``, a ``.gguf`` / config ``.json`` / HF directory).
     target : target spec ``NAME`` or ``NAME:N`` (see ``kvcompile targets``) or a loaded Target.
     context, batch : the serving point the plan is built for (tokens per sequence, sequences).
     kv_budget : KV memory budget as a fraction of the full bf16 cache; ``kv_budget_bytes``: absolute.
