@@ -47,8 +47,20 @@ def assign_full(program: Program, ctx: PassContext) -> Program:
     return dataclasses.replace(program, assignment=assignment)
 
 
+from .calibrate import calibrate  # noqa: E402  (pass modules import PassContext from here)
+from .candidates import assign_candidates  # noqa: E402
+from .solve import predict_costs, solve_assignment  # noqa: E402
+from .verification import verify_plan  # noqa: E402
+
+# Without a budget only assign_full acts (a full-cache plan); with one: candidates -> calibrated (or
+# prior) damage -> CP-SAT -> roofline prediction -> end-to-end verification.
 PIPELINE: list[tuple[str, Pass]] = [
+    ("assign_candidates", assign_candidates),
+    ("calibrate", calibrate),
+    ("solve_assignment", solve_assignment),
     ("assign_full", assign_full),
+    ("predict_costs", predict_costs),
+    ("verify_plan", verify_plan),
 ]
 
 

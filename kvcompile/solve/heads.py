@@ -124,6 +124,28 @@ def _damage_scale(problem: HeadProblem) -> float:
     return DAMAGE_RESOLUTION / top if top > 0 else 1.0
 
 
+def pareto(opts: tuple[Option, ...], *, use_latency: bool, use_kernel: bool) -> list[int]:
+    """Indices of the options no other option beats on bytes and damage (and latency / kernel when those
+    are constrained); among exact ties the first index is kept. Removing the others is exact."""
+    def key(o: Option) -> tuple:
+        return (o.bytes, o.damage, o.latency if use_latency else 0)
+
+    out = []
+    for i, a in enumerate(opts):
+        ka = key(a)
+        dominated = False
+        for j, b in enumerate(opts):
+            if j == i or (use_kernel and a.kernel != b.kernel):
+                continue
+            kb = key(b)
+            if all(x <= y for x, y in zip(kb, ka, strict=True)) and (kb != ka or j < i):
+                dominated = True
+                break
+        if not dominated:
+            out.append(i)
+    return out
+
+
 def solve_heads(problem: HeadProblem) -> HeadSolution:
     """Solve the per-head selection exactly (up to the time limit); raise :class:`InfeasibleBudget`."""
     t0 = time.perf_counter()
@@ -137,31 +159,46 @@ def solve_heads(problem: HeadProblem) -> HeadSolution:
     # integer bytes: divide by the gcd of every coefficient; floor(budget / g) keeps the constraint exact
     g = reduce(math.gcd, (o.bytes for heads in problem.options for opts in heads for o in opts), 0) or 1
     scale = _damage_scale(problem)
+    capped = problem.max_kernels_per_layer is not None
+
+    # Exact reductions: drop options dominated on every constrained quantity, then merge heads whose
+    # remaining options are identical into one class with an integer count per option (heads of a layer
+    # calibrated by priors, or GQA copies, are interchangeable: this removes the symmetry).
+    classes: dict[tuple, list[tuple[int, int]]] = {}
+    kept: dict[tuple, list[int]] = {}
+    for l_, heads in enumerate(problem.options):
+        for h, opts in enumerate(heads):
+            idx = pareto(opts, use_latency=problem.latency_budget is not None, use_kernel=capped)
+            sig = tuple((opts[i].bytes, opts[i].damage, opts[i].latency, opts[i].kernel) for i in idx)
+            key = (l_ if capped else -1, sig)
+            classes.setdefault(key, []).append((l_, h))
+            kept.setdefault(key, idx)
 
     m = cp_model.CpModel()
-    xs: list[list[list[cp_model.IntVar]]] = []
+    counts: dict[tuple, list[cp_model.IntVar]] = {}
     byte_terms, lat_terms, obj_terms = [], [], []
-    for l_, heads in enumerate(problem.options):
-        layer_vars = []
-        for h, opts in enumerate(heads):
-            hv = [m.new_bool_var(f"x_{l_}_{h}_{c}") for c in range(len(opts))]
-            m.add_exactly_one(hv)
-            for v, o in zip(hv, opts, strict=True):
-                byte_terms.append(v * (o.bytes // g))
-                lat_terms.append(v * o.latency)
-                d = round(o.damage * scale)
-                if d:
-                    obj_terms.append(v * d)
-            layer_vars.append(hv)
-        if problem.max_kernels_per_layer is not None:
-            kernels = sorted({o.kernel for opts in heads for o in opts})
-            if len(kernels) > problem.max_kernels_per_layer:
-                used = {k: m.new_bool_var(f"k_{l_}_{k}") for k in kernels}
-                for hv, opts in zip(layer_vars, heads, strict=True):
-                    for v, o in zip(hv, opts, strict=True):
-                        m.add_implication(v, used[o.kernel])
-                m.add(sum(used.values()) <= problem.max_kernels_per_layer)
-        xs.append(layer_vars)
+    used: dict[tuple[int, str], cp_model.IntVar] = {}
+    for n_cls, (key, members) in enumerate(classes.items()):
+        size = len(members)
+        l0, h0 = members[0]
+        opts = [problem.options[l0][h0][i] for i in kept[key]]
+        cv = [m.new_int_var(0, size, f"n_{n_cls}_{j}") for j in range(len(opts))]
+        m.add(sum(cv) == size)
+        for v, o in zip(cv, opts, strict=True):
+            byte_terms.append(v * (o.bytes // g))
+            lat_terms.append(v * o.latency)
+            d = round(o.damage * scale)
+            if d:
+                obj_terms.append(v * d)
+            if capped:
+                u = used.setdefault((l0, o.kernel), m.new_bool_var(f"k_{l0}_{o.kernel}"))
+                m.add(v <= size * u)
+        counts[key] = cv
+    if capped:
+        for l_ in range(len(problem.options)):
+            layer_used = [u for (ll, _), u in used.items() if ll == l_]
+            if len(layer_used) > problem.max_kernels_per_layer:
+                m.add(sum(layer_used) <= problem.max_kernels_per_layer)
     m.add(sum(byte_terms) <= problem.budget_bytes // g)
     if problem.latency_budget is not None:
         m.add(sum(lat_terms) <= problem.latency_budget)
@@ -185,10 +222,12 @@ def solve_heads(problem: HeadProblem) -> HeadSolution:
             f"no plan satisfies the constraints together ({detail}); KV bytes alone need >= {min_b} bytes, "
             f"budget is {problem.budget_bytes} (solver status {name} after {solver.wall_time:.1f}s)"
         )
-    choice = tuple(
-        tuple(next(c for c, v in enumerate(hv) if solver.boolean_value(v)) for hv in layer_vars)
-        for layer_vars in xs
-    )
+    grid = [[0] * len(heads) for heads in problem.options]
+    for key, members in classes.items():
+        picks = [j for j, v in zip(kept[key], counts[key], strict=True) for _ in range(solver.value(v))]
+        for (l_, h), j in zip(members, picks, strict=True):
+            grid[l_][h] = j
+    choice = tuple(tuple(row) for row in grid)
     chosen = [problem.options[l_][h][c] for l_, row in enumerate(choice) for h, c in enumerate(row)]
     objective = sum(o.damage for o in chosen)
     bound = solver.best_objective_bound / scale if obj_terms else 0.0
@@ -205,4 +244,5 @@ def solve_heads(problem: HeadProblem) -> HeadSolution:
         total_latency=sum(o.latency for o in chosen),
         wall_s=time.perf_counter() - t0,
         num_vars=len(byte_terms),
+        notes=(f"{len(classes)} head classes after merging identical heads",),
     )

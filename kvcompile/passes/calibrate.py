@@ -1,0 +1,393 @@
+"""Calibration: how much each candidate strategy damages each KV head, measured on the real model.
+
+For every (layer, KV head, candidate) the pass estimates
+
+    damage[l, h, c] = sensitivity[l] / Hk * err2[l, h, c]
+
+* ``err2``: relative squared error of the head's attention output over the observation queries when
+  only that head's cache is the candidate's store (question-agnostic: the sample's context is
+  ``attend``-ed and ``append``-ed into the candidate's own ``Store`` first, then the observation
+  queries — the question and answer prefix, or the last prose tokens — attend over the compressed
+  context plus themselves). Averaged over query positions and the head's G query heads:
+  ``mean_t ||o_t - r_t||^2 / ||r_t||^2`` against full attention ``r`` (``reference_attention``).
+  All KV heads of a layer share one store per candidate: stores treat heads independently.
+* ``sensitivity[l]``: KL(full || perturbed) of the next-token distributions at the observation
+  positions when layer ``l``'s attention output gets Gaussian noise of relative norm ``eps`` per
+  (token, head), divided by ``eps^2``. The observation tokens are re-run on top of the cached context
+  (``DynamicCache.crop``), so each layer costs only a short forward. With this weight the damage is
+  a first-order estimate of the KL the head adds to the final logits (nats).
+
+q/k/v (post-RoPE) are recorded through a registered attention function
+(``AttentionInterface.register("kvcompile_calibrate", ...)`` + ``model.set_attn_implementation``, the
+previous implementation is restored afterwards) that wraps transformers' own sdpa attention.
+
+Candidates are defined at the plan's context ``C``; calibration runs at the set's sample length ``L``,
+so token-count parameters (``window``, ``budget``, ``recent``, ``decode_window``) are rescaled by
+``L / C`` (same kept fraction). Results are cached as JSON under ``models.cache_dir()/calibration``
+keyed by model fingerprint + calibration set digest + rescaled candidate specs + settings.
+
+Models on the meta device cannot be run: damage then comes from literature priors per strategy
+family (:func:`prior_damage`), labelled ``source = "priors"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..ir import Program
+from ..strategies import Full, Strategy, from_spec, reference_attention
+from . import PassContext
+from .calibration_set import CalibrationSample, build_sample, load_set
+
+log = logging.getLogger("kvcompile.passes.calibrate")
+
+CALIB_VERSION = 1
+ATTN_NAME = "kvcompile_calibrate"
+TOKEN_FIELDS = ("window", "budget", "recent", "decode_window")
+DEFAULT_EPS = 0.05
+
+
+# ---- capture through a registered attention function ---------------------------------------------
+@dataclasses.dataclass
+class _Probe:
+    """What the calibration attention function does on this forward (recording / perturbing)."""
+
+    record: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
+    scale: dict[int, float] = dataclasses.field(default_factory=dict)
+    perturb_layer: int | None = None
+    eps: float = DEFAULT_EPS
+    seed: int = 0
+
+
+_PROBE: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("kvcompile_probe", default=None)
+
+
+def _calibrate_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    probe = _PROBE.get()
+    if probe is None:
+        return out, weights
+    layer, t = module.layer_idx, query.shape[2]
+    if probe.record is not None:
+        # the cache hands back every key so far; the new tokens are the last t
+        probe.record.setdefault(layer, []).append((query, key[:, :, -t:], value[:, :, -t:]))
+        probe.scale[layer] = float(kwargs.get("scaling") or query.shape[-1] ** -0.5)
+    if probe.perturb_layer == layer:
+        gen = torch.Generator(device="cpu").manual_seed(probe.seed * 1000 + layer)
+        noise = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out)
+        rel = probe.eps * out.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        out = out + noise * rel  # out: [B, T, H, D]; relative norm eps per (token, head)
+    return out, weights
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _calibrate_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def probing(model: Any, probe: _Probe):
+    """Run ``model`` with the calibration attention function and ``probe`` active; restore afterwards."""
+    _register()
+    previous = model.config._attn_implementation
+    token = _PROBE.set(probe)
+    model.set_attn_implementation(ATTN_NAME)
+    try:
+        yield probe
+    finally:
+        model.set_attn_implementation(previous)
+        _PROBE.reset(token)
+
+
+# ---- damage of one candidate on one layer ------------------------------------------------------
+def head_errors(
+    strategy: Strategy, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float,
+    ref: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Relative squared attention-output error per KV head, ``[Hk]`` (module docstring).
+
+    q: [1, Hq, N, D]; k, v: [1, Hk, N, D]; the first ``context_len`` tokens go through the store.
+    """
+    _, hq, n, d = q.shape
+    hk = k.shape[1]
+    g = hq // hk
+    t = n - context_len
+    if ref is None:
+        ref = reference_attention(q[:, :, context_len:], k, v, None, scale, causal_new=t)[0]
+    store = strategy.new_store(batch=1, num_heads=hk, head_dim=d, gqa=g, dtype=q.dtype, device=q.device)
+    c = slice(0, context_len)
+    valid_c = torch.ones(1, context_len, dtype=torch.bool, device=q.device)
+    if observes(strategy):  # the context's own attention output is not needed, only what the store sees
+        store.attend(q[:, :, c], k[:, :, c], v[:, :, c], valid_c, scale)
+    store.append(k[:, :, c], v[:, :, c], q[:, :, c], valid_c)
+    o = slice(context_len, n)
+    valid_o = torch.ones(1, t, dtype=torch.bool, device=q.device)
+    out = store.attend(q[:, :, o], k[:, :, o], v[:, :, o], valid_o, scale).float()
+    rf = ref.float()
+    err = (out - rf).pow(2).sum(-1) / rf.pow(2).sum(-1).clamp_min(1e-20)  # [1, Hq, t]
+    return err.view(hk, g * t).mean(-1)
+
+
+NON_OBSERVING = ("full", "fp8", "quant")
+
+
+def observes(strategy: Strategy) -> bool:
+    """Whether the store's ``attend`` records anything ``append`` uses (attention mass for scoring).
+
+    Stores of the families in ``NON_OBSERVING`` and selections with ``observe == "none"`` ignore it, so
+    calibration skips their context attention (the quadratic part); tests/test_calibrate.py checks the
+    errors are identical either way. Unknown strategies are assumed to observe.
+    """
+    nested = [getattr(strategy, f.name) for f in dataclasses.fields(strategy)]
+    nested = [v for v in nested if isinstance(v, Strategy)]
+    if nested:
+        return any(observes(v) for v in nested) or getattr(strategy, "observe", "none") != "none"
+    if strategy.name in NON_OBSERVING:
+        return False
+    return getattr(strategy, "observe", "all") != "none"
+
+
+def lossless(strategy: Strategy, model_dtype: torch.dtype) -> bool:
+    """True for strategies that store exactly what the model computed (damage 0 by construction)."""
+    return isinstance(strategy, Full) and strategy.dtype in ("model", str(model_dtype).removeprefix("torch."))
+
+
+def rescale(strategy: Strategy, factor: float) -> Strategy:
+    """The same strategy with its token-count parameters (``TOKEN_FIELDS``) multiplied by ``factor``."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(strategy):
+        val = getattr(strategy, f.name)
+        if isinstance(val, Strategy):
+            changes[f.name] = rescale(val, factor)
+        elif f.name in TOKEN_FIELDS and isinstance(val, int) and not isinstance(val, bool):
+            changes[f.name] = max(1, round(val * factor))
+    return dataclasses.replace(strategy, **changes) if changes else strategy
+
+
+# ---- one calibration sample -------------------------------------------------------------------
+@torch.no_grad()
+def _run_sample(
+    model: Any, sample: CalibrationSample, cands: list[Strategy], eps: float, seed: int, bar: Any
+) -> tuple[list[list[list[float]]], list[float]]:
+    """(err2[l][h][c], sensitivity[l]) on one sample."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([sample.ids], dtype=torch.long)
+    ctx_len = sample.context_len
+    cache = DynamicCache(config=model.config)
+    probe = _Probe(record={}, eps=eps, seed=seed)
+    with probing(model, probe):
+        model(ids[:, :ctx_len], past_key_values=cache, use_cache=True)
+        base = model(ids[:, ctx_len:], past_key_values=cache, use_cache=True).logits[0].float()
+        record, probe.record = probe.record, None
+        base_lp = torch.log_softmax(base, -1)
+        sens = []
+        for layer in range(len(record)):
+            extra = cache.get_seq_length() - ctx_len
+            if extra > 0:
+                cache.crop(-extra)  # transformers 5: a negative count removes that many tokens
+            probe.perturb_layer = layer
+            logits = model(ids[:, ctx_len:], past_key_values=cache, use_cache=True).logits[0].float()
+            lp = torch.log_softmax(logits, -1)
+            kl = (base_lp.exp() * (base_lp - lp)).sum(-1).mean().item()
+            sens.append(max(kl, 0.0) / eps**2)
+        probe.perturb_layer = None
+    dtype = next(model.parameters()).dtype
+    err2 = []
+    for layer in range(len(record)):
+        q, k, v = (torch.cat([r[i] for r in record[layer]], dim=2).float() for i in range(3))
+        scale = probe.scale[layer]
+        ref = reference_attention(q[:, :, ctx_len:], k, v, None, scale, causal_new=q.shape[2] - ctx_len)[0]
+        per_cand = []
+        for s in cands:
+            if lossless(s, dtype):
+                per_cand.append(torch.zeros(k.shape[1]))
+            else:
+                per_cand.append(head_errors(s, q, k, v, ctx_len, scale, ref))
+        err2.append(torch.stack(per_cand, dim=1).tolist())  # [Hk][C]
+        del record[layer]
+        bar.update(1)
+    return err2, sens
+
+
+def calibration_key(fingerprint: str, digest: str, specs: list[dict[str, Any]], eps: float) -> str:
+    body = json.dumps({"v": CALIB_VERSION, "fp": fingerprint, "set": digest, "cands": specs, "eps": eps},
+                      sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:24]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def run_calibration(
+    model: Any, tokenizer: Any, cands: list[Strategy], *, context: int, calibration: str | None = None,
+    eps: float = DEFAULT_EPS, progress: bool = True, cache: bool = True,
+) -> dict[str, Any]:
+    """Measure ``err2`` and ``sensitivity`` for ``cands`` (defined at ``context``) on the real model.
+
+    Returns a JSON-able dict: ``err2[l][h][c]``, ``sensitivity[l]``, the rescaled specs, timings and
+    ``cache_hit``. Reads/writes ``models.cache_dir()/calibration/<key>.json`` when ``cache``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..models import cache_dir, fingerprint
+
+    cset = load_set(calibration)
+    scaled = [rescale(s, cset.tokens / context) for s in cands]
+    specs = [s.to_spec() for s in scaled]
+    key = calibration_key(fingerprint(model), cset.digest, specs, eps)
+    path = cache_dir() / "calibration" / f"{key}.json"
+    if cache and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                data["cache_hit"] = True
+                return data
+        except (OSError, json.JSONDecodeError):
+            log.warning("calibration cache %s unreadable; recomputing", path)
+    t0 = time.perf_counter()
+    samples = [build_sample(tokenizer, cset, item) for item in cset.samples]
+    n_layers = model.config.num_hidden_layers
+    err_sum: list[list[list[float]]] | None = None
+    sens_sum = [0.0] * n_layers
+    bar = tqdm(total=len(samples) * n_layers, desc="calibrate", unit="layer", disable=not progress,
+               leave=False)
+    try:
+        for i, sample in enumerate(samples):
+            e2, sens = _run_sample(model, sample, scaled, eps, i, bar)
+            err_sum = e2 if err_sum is None else [
+                [[a + b for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(la, lb, strict=True)]
+                for la, lb in zip(err_sum, e2, strict=True)
+            ]
+            sens_sum = [a + b for a, b in zip(sens_sum, sens, strict=True)]
+    finally:
+        bar.close()
+    n = len(samples)
+    data = {
+        "key": key,
+        "version": CALIB_VERSION,
+        "calibration": cset.name,
+        "calibration_digest": cset.digest,
+        "samples": n,
+        "tokens": cset.tokens,
+        "eps": eps,
+        "specs": specs,
+        "err2": [[[x / n for x in row] for row in layer] for layer in err_sum or []],
+        "sensitivity": [s / n for s in sens_sum],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if cache:
+        _write_json(path, data)
+    data["cache_hit"] = False
+    return data
+
+
+# ---- literature priors (meta models) --------------------------------------------------------------
+# Relative damage per strategy family, from the papers' reported quality at the given compression:
+# KIVI (2402.02750): 8/4-bit near lossless, 2-bit small loss with a residual window; fp8 KV (vLLM /
+# TensorRT-LLM docs) near lossless; token eviction (H2O 2306.14048, SnapKV 2404.14469, StreamingLLM
+# 2309.17453) degrades with the evicted fraction, SnapKV < H2O < StreamingLLM on retrieval (SnapKV
+# Table 1, RULER); ThinK (2407.21018) ~lossless at 40-50 % channel pruning.
+PRIOR_FAMILY = {
+    "full": 0.0, "fp8": 0.002, "think": 0.3, "snapkv": 0.4, "heavy_hitter": 0.6, "sink_window": 1.0,
+}
+PRIOR_QUANT_BITS = {8: 0.001, 4: 0.01, 2: 0.1}
+
+
+def prior_damage(strategy: Strategy, context: int, head_dim: int = 128) -> float:
+    """A literature prior of a strategy's damage at ``context`` tokens (unitless, comparable across heads)."""
+    name = strategy.name
+    if name == "full":
+        return 0.0 if strategy.dtype in ("model", "float32") else 1e-4
+    if name == "quant":
+        return PRIOR_QUANT_BITS.get(strategy.bits, 0.1)
+    if name in ("compose", "mikv"):
+        parts = [getattr(strategy, f.name) for f in dataclasses.fields(strategy)]
+        total = sum(prior_damage(v, context, head_dim) for v in parts if isinstance(v, Strategy))
+        return total + (0.05 if name == "mikv" else 0.0)
+    if name == "think":
+        return PRIOR_FAMILY["think"] * (1 - float(strategy.keep_ratio)) ** 2
+    if hasattr(strategy, "kept"):
+        frac = strategy.kept(context) / context
+        return PRIOR_FAMILY.get(name, 1.0) * (1 - frac) ** 2
+    return PRIOR_FAMILY.get(name, 0.05)
+
+
+def prior_layer_weights(num_layers: int) -> list[float]:
+    """The first two layers attend broadly and are the most sensitive (PyramidKV 2406.02069, SnapKV)."""
+    return [3.0 if i < 2 else 1.0 for i in range(num_layers)]
+
+
+# ---- the pass ------------------------------------------------------------------------------------
+def calibrate(program: Program, ctx: PassContext) -> Program:
+    """Fill ``facts["damage"]``: ``values[l][h][c]`` per candidate of ``facts["candidates"]``.
+
+    Assumes ``assign_candidates`` ran. Real model present: measured (module docstring). Meta model or
+    no model: literature priors, with ``source="priors"`` and a note in ``facts["notes"]``.
+    """
+    cands_fact = program.facts.get("candidates")
+    if cands_fact is None:
+        return program
+    specs = cands_fact["specs"]
+    cands = [from_spec(s) for s in specs]
+    context = int(cands_fact["context"])
+    notes = list(program.facts.get("notes", ()))
+    model = ctx.model
+    real = model is not None and not program.model.on_meta and ctx.tokenizer is not None
+    if not real or ctx.options.get("damage") == "priors":
+        weights = prior_layer_weights(program.num_layers)
+        values = [
+            [[weights[s.layer] * prior_damage(c, context, s.head_dim) for c in cands]
+             for _ in range(s.num_kv_heads)]
+            for s in program.sites
+        ]
+        notes.append("damage from literature priors per strategy family (no calibration: model has no real "
+                     "weights or damage='priors'); predicted quality is not measured")
+        damage = {"source": "priors", "values": values, "layer_weight": weights}
+        return program.with_facts(damage=damage, notes=notes)
+    data = run_calibration(
+        model, ctx.tokenizer, cands, context=context, calibration=ctx.config.calibration,
+        eps=float(ctx.options.get("calibration_eps", DEFAULT_EPS)), progress=ctx.progress,
+        cache=bool(ctx.options.get("calibration_cache", True)),
+    )
+    sens = data["sensitivity"]
+    values = [
+        [[sens[s.layer] / s.num_kv_heads * e for e in row] for row in data["err2"][s.layer]]
+        for s in program.sites
+    ]
+    bad = [(i, j) for i, layer in enumerate(values) for j, row in enumerate(layer)
+           if not all(map(math.isfinite, row))]
+    if bad:
+        raise ValueError(f"calibration produced non-finite damage at (layer, head) {bad[:4]}")
+    hit = "cache hit" if data["cache_hit"] else f"{data['seconds']}s"
+    notes.append(f"damage calibrated on {data['samples']} x {data['tokens']}-token samples of "
+                 f"{data['calibration']!r} ({hit}); units: predicted KL contribution (nats)")
+    damage = {
+        "source": "calibration", "values": values, "layer_weight": sens, "err2": data["err2"],
+        "key": data["key"], "cache_hit": data["cache_hit"], "seconds": data["seconds"],
+        "calibration": data["calibration"], "tokens": data["tokens"], "samples": data["samples"],
+    }
+    return program.with_facts(damage=damage, notes=notes)

@@ -1,0 +1,73 @@
+"""Candidate strategies per (layer, KV head): the library's grid, filtered by the target and the site."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..ir import Program
+from ..strategies import Full, Strategy, default_instances, from_spec
+from ..targets import Target
+from . import PassContext
+
+
+def needs_solve(config: Any) -> bool:
+    """A budget (fractional, absolute or latency) was requested, so strategies must be chosen."""
+    fields = ("kv_budget", "kv_budget_bytes", "latency_budget_s")
+    return any(getattr(config, f, None) is not None for f in fields)
+
+
+def target_allows(strategy: Strategy, target: Target) -> bool:
+    """Whether the target stores this format: fp8 needs ``float8_e4m3fn``, KIVI ``int<bits>``, nested
+    strategies all of their parts; narrower float copies need their dtype."""
+    name = strategy.name
+    kv = set(target.kv_dtypes)
+    if name == "fp8":
+        return target.supports_fp8
+    if name == "quant":
+        return f"int{strategy.bits}" in kv
+    if name == "full":
+        return strategy.dtype == "model" or strategy.dtype in kv
+    parts = [v for v in (getattr(strategy, f) for f in getattr(strategy, "__dataclass_fields__", {}))
+             if isinstance(v, Strategy)]
+    return all(target_allows(p, target) for p in parts)
+
+
+def candidate_grid(context: int, options: dict[str, Any]) -> list[Strategy]:
+    """``options["candidates"]`` (spec dicts) or ``full`` + ``strategies.default_instances(context)``."""
+    if options.get("candidates"):
+        return [from_spec(s) for s in options["candidates"]]
+    return [Full(), *default_instances(context)]
+
+
+def assign_candidates(program: Program, ctx: PassContext) -> Program:
+    """Put ``facts["candidates"] = {"context", "specs", "per_layer"}`` when a budget is set.
+
+    Guarantees: specs are unique (canonical JSON); ``per_layer[l]`` lists the indices valid for layer
+    ``l`` (``validate_for(head_dim, context)`` passes and the target stores the format); every layer
+    keeps at least ``full`` (the model-dtype cache), so the problem is never empty.
+    """
+    if not needs_solve(ctx.config):
+        return program
+    context = int(ctx.config.context)
+    grid: list[Strategy] = []
+    seen: set[str] = set()
+    for s in candidate_grid(context, ctx.options):
+        key = json.dumps(s.to_spec(), sort_keys=True)
+        if key not in seen and target_allows(s, ctx.target):
+            seen.add(key)
+            grid.append(s)
+    if not any(isinstance(s, Full) and s.dtype == "model" for s in grid):
+        grid.insert(0, Full())
+    per_layer = []
+    for site in program.sites:
+        ok = []
+        for i, s in enumerate(grid):
+            try:
+                s.validate_for(head_dim=site.head_dim, context=context)
+            except ValueError:
+                continue
+            ok.append(i)
+        per_layer.append(ok)
+    fact = {"context": context, "specs": [s.to_spec() for s in grid], "per_layer": per_layer}
+    return program.with_facts(candidates=fact)
