@@ -126,7 +126,7 @@ def test_question_agnostic_full_cache_matches_single_prefill(smol):
     two, n = generate_answer(model, tok, s, DynamicCache(config=model.config), question_aware=False)
     assert one == two
     assert is_correct(one, s.answer), one
-    assert n == s.length + 10 - 1
+    assert s.length <= n <= s.length + 9  # prompt + generated tokens (generation may stop at EOS)
     plan = _full_plan(model, 512)
     three, _ = generate_answer(model, tok, s, plan.make_cache(model), question_aware=False)
     assert three == one
