@@ -46,6 +46,8 @@ import copy
 import dataclasses
 import math
 import re
+import sys
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -173,10 +175,13 @@ def _export(model: torch.nn.Module, example_len: int) -> torch.fx.Graph:
 
 
 def _export_and_read(model: torch.nn.Module, example_len: int) -> tuple[list[_ReadSite], torch.fx.Graph]:
-    graph = _export(model, example_len)
-    nodes = _sdpa_nodes(graph)
     current = getattr(model.config, "_attn_implementation", None)
-    if not nodes and hasattr(model, "set_attn_implementation"):
+    swappable = hasattr(model, "set_attn_implementation")
+    nodes: list[torch.fx.Node] = []
+    if current != "eager" or not swappable:  # an eager graph has no SDPA node: skip straight to the swap
+        graph = _export(model, example_len)
+        nodes = _sdpa_nodes(graph)
+    if not nodes and swappable:
         _register_capture_attention()
         model.set_attn_implementation(_CAPTURE_ATTN)
         try:
@@ -424,3 +429,15 @@ def _reduced_copy(model: torch.nn.Module, depth: int, types: list[str | None]) -
     with torch.device("meta"):
         reduced = type(model)._from_config(cfg, dtype=dtype)
     return reduced.eval()
+
+
+class _CallableModule(types.ModuleType):
+    """``kvcompile.capture`` is both the package-level function and this module's name; importing this
+    module rebinds the package attribute to the module, so the module itself forwards calls to
+    :func:`capture` and ``kvcompile.capture(model)`` works whatever was imported first."""
+
+    def __call__(self, model: torch.nn.Module, **kw: Any) -> Program:
+        return capture(model, **kw)
+
+
+sys.modules[__name__].__class__ = _CallableModule
