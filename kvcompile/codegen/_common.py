@@ -80,6 +80,40 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, row, m, lsum, acc, BLOCK_G: tl.constex
 
 
 @triton.jit
+def _finish(
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    out_ptr,
+    b,
+    h,
+    H,
+    split,
+    m,
+    lsum,
+    acc,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """End of a decode program: with one split write ``acc / l`` straight to ``out`` [B, H*G, D] (no reduce
+    launch; zeros where every key is masked), else the split partial for :func:`_reduce_splits_kernel`."""
+    if NUM_SPLITS == 1:
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        res = tl.where(lsum[:, None] > 0, acc / tl.where(lsum > 0, lsum, 1.0)[:, None], 0.0)
+        mask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
+        ptrs = out_ptr + (b * H * G + h * G + offs_g[:, None]) * D + offs_d[None, :]
+        tl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        _store_partial(
+            m_ptr, l_ptr, acc_ptr, (b * H + h) * NUM_SPLITS + split, m, lsum, acc, BLOCK_G, BLOCK_D
+        )
+
+
+@triton.jit
 def _reduce_splits_kernel(
     m_ptr,
     l_ptr,
@@ -119,4 +153,4 @@ def _reduce_splits_kernel(
 
 
 # jit helpers in dependency order, for rendering kernel sources (see kvcompile.codegen.cache)
-COMMON_SOURCES = (_e4m3_to_f32, _load_q, _online_update, _store_partial, _reduce_splits_kernel)
+COMMON_SOURCES = (_e4m3_to_f32, _load_q, _online_update, _store_partial, _finish, _reduce_splits_kernel)

@@ -72,7 +72,7 @@ def split_q(q: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 def alloc_partials(batch: int, heads: int, s: DecodeSettings, device: torch.device):
     """Buffers for the split partials (m, lsum, acc), padded to the tile sizes."""
-    rows = batch * heads * s.num_splits
+    rows = batch * heads * s.num_splits if s.num_splits > 1 else 1  # one split: the kernel writes out
     m = torch.empty(rows, s.block_g, dtype=torch.float32, device=device)
     lsum = torch.empty(rows, s.block_g, dtype=torch.float32, device=device)
     acc = torch.empty(rows, s.block_g, s.block_d, dtype=torch.float32, device=device)
@@ -82,7 +82,10 @@ def alloc_partials(batch: int, heads: int, s: DecodeSettings, device: torch.devi
 def reduce_splits(
     partials, out: torch.Tensor, heads: int, head_dim: int, gqa: int, s: DecodeSettings, kernel=None
 ) -> torch.Tensor:
-    """Launch the split-K merge into ``out`` [B, heads * gqa, head_dim]."""
+    """Launch the split-K merge into ``out`` [B, heads * gqa, head_dim] (nothing to do with one split:
+    the decode kernel wrote ``out`` itself)."""
+    if s.num_splits == 1:
+        return out
     m, lsum, acc = partials
     kernel = kernel or _reduce_splits_kernel
     kernel[(out.shape[0] * heads,)](

@@ -26,9 +26,9 @@ from ._common import (
     FMT_FULL,
     LOG2E,
     _e4m3_to_f32,
+    _finish,
     _load_q,
     _online_update,
-    _store_partial,
 )
 from ._launch import (
     FLOAT_DTYPES,
@@ -109,6 +109,7 @@ def _decode_dense_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
+    out_ptr,
     Hg,
     N,
     Nt,
@@ -191,7 +192,7 @@ def _decode_dense_kernel(
             BLOCK_N,
             BLOCK_D,
         )
-    _store_partial(m_ptr, l_ptr, acc_ptr, pid * NUM_SPLITS + split, m, lsum, acc, BLOCK_G, BLOCK_D)
+    _finish(m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hg, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS)
 
 
 SOURCES = (_dense_tokens, _decode_dense_kernel)
@@ -248,6 +249,7 @@ def _decode_dense(
     if tail_pos0 is None:
         tail_pos0 = ALWAYS_VALID if fmt == FMT_COMPACT else N
     s = decode_settings(N + Nt, D, G, B * Hg, dev, num_splits)
+    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
     parts = alloc_partials(B, Hg, s, dev)
     main, red = kernels or (_decode_dense_kernel, None)
     main[(B * Hg, s.num_splits)](
@@ -261,6 +263,7 @@ def _decode_dense(
         vt,
         lead_t,
         *parts,
+        out,
         Hg,
         N,
         Nt,
@@ -276,7 +279,6 @@ def _decode_dense(
         NUM_SPLITS=s.num_splits,
         num_warps=s.num_warps,
     )
-    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
     reduce_splits(parts, out, Hg, D, G, s, red)
     return out[:, :, None] if four_d else out
 

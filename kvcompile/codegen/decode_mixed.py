@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FMT_COMPACT, FMT_FP8, FMT_FULL, FMT_QUANT, FORMAT_IDS, LOG2E, _load_q, _store_partial
+from ._common import FMT_COMPACT, FMT_FP8, FMT_FULL, FMT_QUANT, FORMAT_IDS, LOG2E, _finish, _load_q
 from ._launch import (
     FLOAT_DTYPES,
     alloc_partials,
@@ -49,6 +49,7 @@ def _decode_mixed_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
+    out_ptr,
     Hkv,
     qk_scale,
     SPEC: tl.constexpr,
@@ -110,7 +111,9 @@ def _decode_mixed_kernel(
                     q, m, lsum, acc, base, 0, n_tail, n_tail, tails[i][0], tails[i][1], tails[i][0], 1.0, 1.0,
                     lead, ints[i][3], 0, D, BLOCK_N, BLOCK_D,
                 )  # fmt: skip
-    _store_partial(m_ptr, l_ptr, acc_ptr, pid * NUM_SPLITS + split, m, lsum, acc, BLOCK_G, BLOCK_D)
+    _finish(
+        m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hkv, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS
+    )
 
 
 SOURCES = (_decode_mixed_kernel,)
@@ -228,15 +231,15 @@ def decode_mixed(
     lead_t, has_lead = lead_arg(lead, B, dev)
     longest = max(a[2][1] + a[2][2] for a in args)
     s = decode_settings(longest, D, G, B * Hkv, dev, num_splits)
+    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
     parts = alloc_partials(B, Hkv, s, dev)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     main, red = kernels or (_decode_mixed_kernel, None)
     main[(B * Hkv, s.num_splits)](
         q3, table, tuple(a[0] for a in args), tuple(a[1] for a in args), tuple(a[2] for a in args), lead_t,
-        *parts, Hkv, scale * LOG2E, SPEC=tuple(g.spec for g in groups), NUM_SLOTS=len(groups), D=D, G=G,
+        *parts, out, Hkv, scale * LOG2E, SPEC=tuple(g.spec for g in groups), NUM_SLOTS=len(groups), D=D, G=G,
         HAS_LEAD=has_lead, BLOCK_G=s.block_g, BLOCK_N=s.block_n, BLOCK_D=s.block_d, NUM_SPLITS=s.num_splits,
         num_warps=s.num_warps,
     )  # fmt: skip
-    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
     reduce_splits(parts, out, Hkv, D, G, s, red)
     return out[:, :, None] if four_d else out

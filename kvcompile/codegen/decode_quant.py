@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _load_q, _online_update, _store_partial
+from ._common import LOG2E, _finish, _load_q, _online_update
 from ._launch import (
     FLOAT_DTYPES,
     alloc_partials,
@@ -106,6 +106,7 @@ def _decode_quant_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
+    out_ptr,
     Hg,
     Nq,
     Nt,
@@ -186,7 +187,7 @@ def _decode_quant_kernel(
             BLOCK_N,
             BLOCK_D,
         )
-    _store_partial(m_ptr, l_ptr, acc_ptr, pid * NUM_SPLITS + split, m, lsum, acc, BLOCK_G, BLOCK_D)
+    _finish(m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hg, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS)
 
 
 SOURCES = (_quant_tokens, _decode_quant_kernel)
@@ -260,6 +261,7 @@ def decode_quant(
     kt, vt, Nt = tail_args(k_tail, v_tail, B, Hg, D, dev)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s = decode_settings(Nq + Nt, D, G, B * Hg, dev, num_splits)
+    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
     parts = alloc_partials(B, Hg, s, dev)
     main, red = kernels or (_decode_quant_kernel, None)
     main[(B * Hg, s.num_splits)](
@@ -274,6 +276,7 @@ def decode_quant(
         vt,
         lead_t,
         *parts,
+        out,
         Hg,
         Nq,
         Nt,
@@ -290,6 +293,5 @@ def decode_quant(
         NUM_SPLITS=s.num_splits,
         num_warps=s.num_warps,
     )
-    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
     reduce_splits(parts, out, Hg, D, G, s, red)
     return out[:, :, None] if four_d else out

@@ -31,9 +31,10 @@ from transformers.modeling_utils import AttentionInterface
 
 from ..strategies import Store
 from .cache import HANDLES, KVCompileLayer
+from .interpreter import is_attached, run_layer
 
 ATTN_IMPLEMENTATION = "kvcompile"
-BACKENDS = ("torch",)  # codegen adds "triton" / "triton-interpret" by redirecting _run_group
+BACKENDS = ("torch", "triton-interpret", "triton")  # kernel backends run through runtime/interpreter.py
 
 
 def register() -> None:
@@ -92,6 +93,8 @@ def attend_layer(
     scale: float,
 ) -> torch.Tensor:
     """Run every head group of ``layer``; returns [B, Hq, T, Dv] in query-head order."""
+    if layer.backend != "torch" or is_attached(layer):  # the schedule interpreter (codegen kernels)
+        return run_layer(layer, q, k, v, valid, scale)
     index = layer.index(q.device)
     if len(layer.stores) == 1 and index[0] is None:
         return _run_group(layer.stores[0], q, k, v, valid, scale, layer.backend)

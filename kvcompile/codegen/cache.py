@@ -1,0 +1,166 @@
+"""Rendered kernel sources and their content-hashed on-disk cache.
+
+:func:`render` turns a :class:`KernelKey` into a self-contained Python module: the ``@triton.jit``
+functions the kernel needs (in dependency order) plus the key and its baked constants. The text is
+what a plan stores (``Plan.kernels[uri] = {"source", "sha256", "key"}``), so serving code runs exactly
+the kernels that were compiled.
+
+:func:`load_source` writes a source to ``$KVCOMPILE_CACHE_DIR/kernels/<uri>-<sha256[:16]>.py``
+(temp file + rename, so readers see a whole file or none) and imports it. Loading is
+try → lock → re-check → build → load (flashinfer's JIT spec): a process that finds the file imports
+it; otherwise it takes ``<file>.lock`` (``fcntl.flock``), checks again (another process may have
+written it meanwhile), writes, then imports. A source whose SHA-256 differs from the recorded hash,
+or a cached file whose content no longer hashes to its name, is refused with
+:class:`KernelSourceError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import tempfile
+import textwrap
+import threading
+from pathlib import Path
+from types import ModuleType
+
+from ..models import cache_dir
+from ..plan import PlanError
+from . import _common, decode_compact, decode_mixed, decode_quant, quant_append
+from .keys import KernelKey
+
+_DENSE = (decode_compact._dense_tokens,)
+_SOURCES = {
+    "decode_full": _common.COMMON_SOURCES + decode_compact.SOURCES,
+    "decode_fp8": _common.COMMON_SOURCES + decode_compact.SOURCES,
+    "decode_compact": _common.COMMON_SOURCES + decode_compact.SOURCES,
+    "decode_quant": _common.COMMON_SOURCES + _DENSE + decode_quant.SOURCES,
+    "decode_mixed": _common.COMMON_SOURCES + _DENSE + (decode_quant._quant_tokens,) + decode_mixed.SOURCES,
+    "quant_append": quant_append.SOURCES,
+}
+_ENTRY = {
+    "decode_full": "_decode_dense_kernel",
+    "decode_fp8": "_decode_dense_kernel",
+    "decode_compact": "_decode_dense_kernel",
+    "decode_quant": "_decode_quant_kernel",
+    "decode_mixed": "_decode_mixed_kernel",
+    "quant_append": "_quant_pack_kernel",
+}
+
+_LOADED: dict[str, ModuleType] = {}
+_LOCK = threading.Lock()
+
+
+class KernelSourceError(PlanError):
+    """A kernel source does not match its recorded hash (tampered plan or cache file)."""
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def render(key: KernelKey) -> str:
+    """The module source of ``key``'s kernel: header, constants, then the jit functions it calls."""
+    fns = _SOURCES[key.kind]
+    body = "\n\n".join(textwrap.dedent(inspect.getsource(f.fn)).strip() + "\n" for f in fns)
+    key_json = json.dumps(key.to_json(), sort_keys=True)
+    return (
+        f'"""kvcompile kernel {key.uri()}: rendered by kvcompile.codegen.cache.render; do not edit."""\n\n'
+        "import triton\nimport triton.language as tl\n\n"
+        f"KEY = {key_json!r}\n"
+        f"URI = {key.uri()!r}\n"
+        f"ENTRY = {_ENTRY[key.kind]!r}\n"
+        "REDUCE = '_reduce_splits_kernel'\n\n\n"
+        f"{body}"
+    )
+
+
+def kernel_dir() -> Path:
+    return cache_dir() / "kernels"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _valid_file(path: Path, digest: str) -> bool:
+    try:
+        return sha256(path.read_text()) == digest
+    except OSError:
+        return False
+
+
+def load_source(uri: str, source: str, expected_sha256: str | None = None) -> ModuleType:
+    """Import a rendered kernel source through the on-disk cache (see module docstring).
+
+    Raises :class:`KernelSourceError` when ``expected_sha256`` is given and differs from the source's.
+    """
+    digest = sha256(source)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise KernelSourceError(
+            f"kernel {uri}: source hash {digest[:16]} does not match the recorded {expected_sha256[:16]}; "
+            "the plan's kernel source was modified"
+        )
+    path = kernel_dir() / f"{uri}-{digest[:16]}.py"
+    with _LOCK:
+        if str(path) in _LOADED:
+            return _LOADED[str(path)]
+        if not _valid_file(path, digest):  # try
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(f"{path}.lock", "w") as lock_file:  # lock
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                try:
+                    if not _valid_file(path, digest):  # re-check, then build
+                        _write_atomic(path, source)
+                finally:
+                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+        module = _import(path, digest)  # load
+        _LOADED[str(path)] = module
+        return module
+
+
+def _import(path: Path, digest: str) -> ModuleType:
+    name = f"kvcompile_kernels.{path.stem.replace('-', '_')}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise KernelSourceError(f"{path}: cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    if sha256(path.read_text()) != digest:  # changed between check and import
+        sys.modules.pop(name, None)
+        raise KernelSourceError(f"{path}: cached kernel file changed while loading")
+    return module
+
+
+def load_kernel(key: KernelKey, source: str | None = None, expected_sha256: str | None = None):
+    """(entry, reduce) jit functions of ``key``: from ``source`` (e.g. a plan's) or freshly rendered."""
+    module = load_source(key.uri(), source if source is not None else render(key), expected_sha256)
+    if key.uri() != module.URI:
+        raise KernelSourceError(f"kernel source is for {module.URI}, expected {key.uri()}")
+    return getattr(module, module.ENTRY), getattr(module, module.REDUCE, None)
+
+
+def clear_memory_cache() -> None:
+    """Forget imported kernels (tests); files stay on disk."""
+    with _LOCK, contextlib.suppress(Exception):
+        _LOADED.clear()

@@ -1,0 +1,116 @@
+"""Lowering: a plan (per-layer, per-KV-head strategies) -> a runtime :class:`Schedule` + kernel sources.
+
+Per layer, KV heads sharing a strategy form head groups (the same grouping as the runtime cache,
+``runtime.cache.group_heads``). Groups whose storage format has a kernel (``keys.slot_for``) are
+served by one decode launch per layer: a uniform kernel when the layer has one such group, the fused
+mixed-format kernel otherwise. Other groups (e.g. H2O, which must also return attention mass) keep
+their store's torch reference. See ``runtime/schedule.py`` for the phases.
+
+Example
+-------
+>>> sched = lower(plan)                         # doctest: +SKIP
+>>> plan = with_codegen(plan)  # fills plan.schedule and plan.kernels  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..plan import Plan, PlanError
+from ..runtime.cache import group_heads
+from ..runtime.schedule import Instr, Schedule
+from ..strategies import Strategy
+from .cache import KernelSourceError, load_kernel, render, sha256
+from .keys import KernelKey, append_key, decode_key, slot_for
+
+SELECTION_FORMATS = ("compact", "compact_scored")
+
+
+def lower_strategies(
+    strategies: Sequence[Sequence[Strategy]], *, head_dim: int, gqa: int, dtype: str = "float32"
+) -> Schedule:
+    """Schedule for ``strategies[layer][kv_head]`` (see module docstring)."""
+    instrs: list[Instr] = []
+    keys: dict[str, KernelKey] = {}
+
+    def key(k: KernelKey) -> str:
+        keys[k.uri()] = k
+        return k.uri()
+
+    for layer, row in enumerate(strategies):
+        groups = group_heads(row, gqa)
+        slots = [slot_for(g.strategy, head_dim) for g in groups]
+        served = tuple(i for i, s in enumerate(slots) if s is not None)
+        main_ops = []  # the appends of prefill and decode
+        for gi, g in enumerate(groups):
+            fmt = g.strategy.kernel_format()
+            if fmt == "quant":
+                main_ops.append(("push_residual", gi))
+                s = slots[gi]
+                instrs.append(
+                    Instr("flush_quant", "flush", layer, gi, key(append_key(s, head_dim, dtype)),
+                          (("threshold", s.residual + s.group), ("group", s.group)))
+                )  # fmt: skip
+            elif fmt in SELECTION_FORMATS:
+                instrs.append(Instr("append", "evict", layer, gi))
+            else:
+                main_ops.append(("append", gi))
+        for gi in range(len(groups)):
+            instrs.append(Instr("attend_ref", "prefill", layer, gi))
+        if served:
+            uri = key(decode_key(tuple(slots[i] for i in served), head_dim, gqa, dtype))
+            instrs.append(Instr("attend_decode", "decode", layer, -1, uri, (("groups", served),)))
+        for gi in range(len(groups)):
+            if gi not in served:
+                instrs.append(Instr("attend_ref", "decode", layer, gi))
+        for phase in ("prefill", "decode"):
+            instrs += [Instr(op, phase, layer, gi) for op, gi in main_ops]
+    order = {p: i for i, p in enumerate(("prefill", "decode", "flush", "evict"))}
+    instrs.sort(key=lambda i: (i.layer, order[i.phase]))  # stable: keeps attend before append
+    return Schedule(tuple(instrs), {u: k.to_json() for u, k in sorted(keys.items())})
+
+
+def lower(plan: Plan) -> Schedule:
+    """The schedule of a plan (every layer of a plan shares head_dim and GQA ratio in this runtime)."""
+    sites = plan.model.sites
+    head_dims = {s.head_dim for s in sites}
+    gqas = {s.num_q_heads // s.num_kv_heads for s in sites}
+    if len(head_dims) != 1 or len(gqas) != 1:
+        raise PlanError(f"lower: layers differ in head_dim {sorted(head_dims)} or GQA ratio {sorted(gqas)}")
+    dtype = plan.model.dtype if plan.model.dtype in ("float32", "float16", "bfloat16") else "float32"
+    return lower_strategies(plan.strategies(), head_dim=head_dims.pop(), gqa=gqas.pop(), dtype=dtype)
+
+
+def emit_kernels(plan_or_schedule: Plan | Schedule) -> dict[str, dict[str, Any]]:
+    """``uri -> {"source", "sha256", "key"}`` for every kernel the schedule uses (``Plan.kernels``)."""
+    sched = lower(plan_or_schedule) if isinstance(plan_or_schedule, Plan) else plan_or_schedule
+    out = {}
+    for uri, kj in sched.kernels.items():
+        src = render(KernelKey.from_json(dict(kj)))
+        out[uri] = {"source": src, "sha256": sha256(src), "key": dict(kj)}
+    return out
+
+
+def with_codegen(plan: Plan) -> Plan:
+    """A sealed copy of ``plan`` whose ``schedule`` and ``kernels`` fields are filled."""
+    sched = lower(plan)
+    return plan.model_copy(update={"schedule": sched.to_json(), "kernels": emit_kernels(sched)}).sealed()
+
+
+def load_plan_kernels(plan: Plan) -> dict[str, tuple[Any, Any]]:
+    """Import every kernel source a plan carries, refusing any whose hash does not match.
+
+    Returns ``uri -> (entry, reduce)`` jit functions. Raises :class:`KernelSourceError` (a PlanError).
+    """
+    out = {}
+    for uri, rec in (plan.kernels or {}).items():
+        try:
+            k = KernelKey.from_json(dict(rec["key"]))
+            src, digest = rec["source"], rec["sha256"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise KernelSourceError(f"kernel {uri}: malformed record ({e})") from None
+        if k.uri() != uri:
+            raise KernelSourceError(f"kernel {uri}: its key renders as {k.uri()}")
+        out[uri] = load_kernel(k, src, digest)
+    return out

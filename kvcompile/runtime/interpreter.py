@@ -1,0 +1,323 @@
+"""The schedule interpreter: ``for instr in phase: HANDLERS[instr.op](ctx, instr)`` per layer forward.
+
+The runtime cache calls :func:`run_layer` from its attention function when the cache's backend is a
+kernel backend:
+
+* ``"triton"`` — CUDA kernels from the kernel cache (``kvcompile.codegen``);
+* ``"triton-interpret"`` — the same kernels on CPU under ``TRITON_INTERPRET=1`` (tests);
+* ``"torch"`` — every instruction's pure-torch reference (``kvcompile.codegen.reference``) over the
+  same storage, always available.
+
+``validate=True`` re-runs each instruction with the torch reference and records the max abs error per
+op in ``Interpreter.errors`` (decode attention against the store's own ``attend``; flushes against
+``_quant_ref``: codes, scales and zeros). The fast path's result is what the model continues with.
+
+Example
+-------
+>>> cache = make_cache(plan, model, backend="triton-interpret")       # doctest: +SKIP
+>>> interp = attach(cache, validate=True)                             # doctest: +SKIP
+>>> model.generate(ids, past_key_values=cache, max_new_tokens=8)      # doctest: +SKIP
+>>> interp.errors                                                     # doctest: +SKIP
+{'attend_decode': 3.1e-07, 'flush_quant': 0.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..strategies._attn import leading_pads
+from .schedule import Instr, Schedule
+
+KERNEL_BACKENDS = ("torch", "triton-interpret", "triton")
+
+
+@dataclasses.dataclass
+class Ctx:
+    """One layer forward: its stores, the new q/k/v, and the output being filled."""
+
+    interp: Interpreter
+    layer: Any  # KVCompileLayer
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    scale: float
+    out: torch.Tensor
+
+    def heads(self, gi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q, k, v) of head group ``gi`` and its query-head index (None: the whole layer)."""
+        idx = self.layer.index(self.q.device)[gi]
+        if idx is None:
+            return self.q, self.k, self.v, None
+        kv, qi = idx
+        return self.q.index_select(1, qi), self.k.index_select(1, kv), self.v.index_select(1, kv), qi
+
+    def put(self, qi: torch.Tensor | None, o: torch.Tensor) -> None:
+        if qi is None:
+            self.out.copy_(o.to(self.out.dtype))
+        else:
+            self.out.index_copy_(1, qi, o.to(self.out.dtype))
+
+
+class Interpreter:
+    """Executes a :class:`Schedule` for the layers registered with it (see module docstring)."""
+
+    def __init__(self, schedule: Schedule, backend: str, *, validate: bool = False, kernels=None) -> None:
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"backend={backend!r} not allowed; choose one of {list(KERNEL_BACKENDS)}")
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if backend == "triton-interpret" and not interpret:
+            raise ValueError(
+                "backend='triton-interpret' needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        if backend == "triton" and (interpret or not torch.cuda.is_available()):
+            raise ValueError("backend='triton' needs a CUDA device and TRITON_INTERPRET unset")
+        self.schedule, self.backend, self.validate = schedule, backend, validate
+        self.errors: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self._kernels: dict[str, tuple[Any, Any]] = dict(kernels or {})
+        self._by: dict[tuple[str, int], tuple[Instr, ...]] = {}
+        for phase in ("prefill", "decode", "flush", "evict"):
+            for i in schedule.select(phase):
+                self._by[(phase, i.layer)] = self._by.get((phase, i.layer), ()) + (i,)
+
+    def kernel(self, uri: str) -> tuple[Any, Any]:
+        """(entry, reduce) jit functions of ``uri``, loaded once through the kernel cache."""
+        if uri not in self._kernels:
+            from ..codegen.cache import load_kernel
+            from ..codegen.keys import KernelKey
+
+            self._kernels[uri] = load_kernel(KernelKey.from_json(dict(self.schedule.kernels[uri])))
+        return self._kernels[uri]
+
+    def record(self, op: str, err: float) -> None:
+        self.errors[op] = max(self.errors.get(op, 0.0), float(err))
+
+    def run(self, layer: Any, sched_layer: int, q, k, v, valid, scale) -> torch.Tensor:
+        """One forward of ``layer``: decode (one valid token, stores filled) or prefill, then flush, evict."""
+        B, Hq, T, _ = q.shape
+        stores = layer.stores
+        decode = T == 1 and bool(valid.all()) and all(s.tokens_seen > 0 for s in stores)
+        ctx = Ctx(self, layer, q, k, v, valid, scale, q.new_empty(B, Hq, T, v.shape[-1]))
+        for phase in ("decode" if decode else "prefill", "flush", "evict"):
+            for instr in self._by.get((phase, sched_layer), ()):
+                self.counts[instr.op] = self.counts.get(instr.op, 0) + 1
+                HANDLERS[instr.op](ctx, instr)
+        return ctx.out
+
+
+# ---- handlers -------------------------------------------------------------------------------------
+def _attend_ref(ctx: Ctx, instr: Instr) -> None:
+    q, k, v, qi = ctx.heads(instr.group)
+    ctx.put(qi, ctx.layer.stores[instr.group].attend(q, k, v, ctx.valid, ctx.scale))
+
+
+def _append(ctx: Ctx, instr: Instr) -> None:
+    q, k, v, _ = ctx.heads(instr.group)
+    ctx.layer.stores[instr.group].append(k, v, q, ctx.valid)
+
+
+def _push_residual(ctx: Ctx, instr: Instr) -> None:
+    """Append the new tokens to a quant group's fp residual (the flush phase quantizes full groups)."""
+    _, k, v, _ = ctx.heads(instr.group)
+    store = ctx.layer.stores[instr.group]
+    buf = store.buf
+    if buf.lead is None:
+        buf.lead = leading_pads(ctx.valid)
+    k, v = k.to(buf.dtype), v.to(buf.dtype)
+    buf.k_res = k if buf.k_res is None else torch.cat([buf.k_res, k], dim=2)
+    buf.v_res = v if buf.v_res is None else torch.cat([buf.v_res, v], dim=2)
+    store.tokens_seen += k.shape[2]
+
+
+def _flush_quant(ctx: Ctx, instr: Instr) -> None:
+    """Quantize the oldest residual groups once the residual holds ``residual + group`` tokens."""
+    from ..codegen import reference as ref
+    from ..codegen.quant_append import quantize_append
+
+    buf = ctx.layer.stores[instr.group].buf
+    s = buf.s
+    nq, _ = s.split(buf.n)
+    f = nq - buf.nq
+    if f <= 0:
+        return
+    kx, vx = buf.k_res[:, :, :f], buf.v_res[:, :, :f]
+    names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+    kc, ks, kz = ref.quantize_keys(kx, s.bits, s.group, buf.lead, start=buf.nq)
+    vc, vs, vz = ref.quantize_values(vx, s.bits, buf.vg)
+    want = dict(zip(names, (kc, ks, kz, vc, vs, vz), strict=True))
+    if ctx.interp.backend == "torch":
+        new = want
+    else:
+        kernel = ctx.interp.kernel(instr.kernel_uri)[0]
+        new = quantize_append(kx, vx, bits=s.bits, group=s.group, v_group=buf.vg, lead=buf.lead, start=buf.nq,
+                              kernel=kernel)  # fmt: skip
+        if ctx.interp.validate:
+            err = max((new[n].float() - want[n].float()).abs().max().item() for n in names)
+            ctx.interp.record("flush_quant", err)
+    for n in names:
+        old = getattr(buf, n)
+        setattr(buf, n, new[n] if old is None else torch.cat([old, new[n]], dim=2))
+    buf.k_res, buf.v_res = buf.k_res[:, :, f:].contiguous(), buf.v_res[:, :, f:].contiguous()
+    buf.nq = nq
+
+
+def _group_view(store, strategy, kv_heads, k_new, v_new):
+    from ..codegen.decode_mixed import GroupView
+
+    fmt = strategy.kernel_format()
+    if fmt == "quant":
+        buf = store.buf
+        t = buf.tensors()
+        if buf.nq == 0:
+            B, Hg, _, D = k_new.shape
+            row = D * buf.s.bits // 8
+            u8 = torch.zeros(B, Hg, 0, row, dtype=torch.uint8, device=k_new.device)
+            f16 = lambda n: torch.zeros(B, Hg, 0, n, dtype=torch.float16, device=k_new.device)  # noqa: E731
+            t = dict(k_codes=u8, v_codes=u8, k_scale=f16(D), k_zero=f16(D), v_scale=f16(D // buf.vg),
+                     v_zero=f16(D // buf.vg))  # fmt: skip
+        kt = k_new if buf.k_res is None else torch.cat([buf.k_res, k_new.to(buf.dtype)], 2)
+        vt = v_new if buf.v_res is None else torch.cat([buf.v_res, v_new.to(buf.dtype)], 2)
+        return GroupView("quant", kv_heads, t, bits=buf.s.bits, group=buf.s.group, v_group=buf.vg, k_tail=kt,
+                         v_tail=vt, tail_pos0=buf.nq)  # fmt: skip
+    return GroupView(fmt, kv_heads, store.tensors(), k_tail=k_new, v_tail=v_new)
+
+
+def _ref_view(q, view, lead, scale):
+    from ..codegen import reference as ref
+
+    t = view.tensors
+    kw = dict(scale=scale, lead=lead)
+    if view.fmt == "quant":
+        args = [t[n] for n in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")]
+        return ref.decode_quant(q, *args, bits=view.bits, group=view.group, v_group=view.v_group,
+                                k_tail=view.k_tail, v_tail=view.v_tail, **kw)  # fmt: skip
+    if view.fmt == "fp8":
+        args = [t[n] for n in ("k", "v", "k_scale", "v_scale")]
+        return ref.decode_fp8(q, *args, k_new=view.k_tail, v_new=view.v_tail, **kw)
+    if view.fmt == "compact":
+        return ref.decode_compact(q, t["k"], t["v"], t["pos"], k_new=view.k_tail, v_new=view.v_tail, **kw)
+    return ref.decode_full(q, t["k"], t["v"], k_new=view.k_tail, v_new=view.v_tail, **kw)
+
+
+def _layer_lead(stores) -> torch.Tensor | None:
+    for s in stores:
+        lead = getattr(s, "lead", None)
+        if lead is None and hasattr(s, "buf"):
+            lead = s.buf.lead
+        if lead is not None:
+            return lead
+    return None
+
+
+def _attend_decode(ctx: Ctx, instr: Instr) -> None:
+    """All kernel-served groups of the layer in one launch (uniform kernel, or the mixed one)."""
+    from ..codegen.decode_compact import decode_compact, decode_fp8, decode_full
+    from ..codegen.decode_mixed import decode_mixed
+    from ..codegen.decode_quant import decode_quant
+
+    layer, G = ctx.layer, ctx.layer.gqa
+    served = instr.arg("groups")
+    kv_heads = sorted(h for gi in served for h in layer.groups[gi].kv_heads)
+    local = {h: i for i, h in enumerate(kv_heads)}  # layer KV head -> head of the launch
+    q_idx = torch.tensor([h * G + j for h in kv_heads for j in range(G)], device=ctx.q.device)
+    q = ctx.q.index_select(1, q_idx) if len(kv_heads) != layer.num_kv_heads else ctx.q
+    views = []
+    for gi in served:
+        g = layer.groups[gi]
+        kv = torch.tensor(g.kv_heads, device=ctx.k.device)
+        views.append(_group_view(layer.stores[gi], g.strategy, tuple(local[h] for h in g.kv_heads),
+                                 ctx.k.index_select(1, kv), ctx.v.index_select(1, kv)))  # fmt: skip
+    lead = _layer_lead(layer.stores)
+    if ctx.interp.backend == "torch":
+        out = torch.empty_like(q)
+        for view in views:
+            qi = torch.tensor([h * G + j for h in view.kv_heads for j in range(G)], device=q.device)
+            out.index_copy_(1, qi, _ref_view(q.index_select(1, qi), view, lead, ctx.scale))
+    elif len(views) == 1 and views[0].kv_heads == tuple(range(len(kv_heads))):
+        v0, kernels = views[0], ctx.interp.kernel(instr.kernel_uri)
+        t, kw = v0.tensors, dict(scale=ctx.scale, lead=lead, kernels=kernels)
+        if v0.fmt == "quant":
+            args = [t[n] for n in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")]
+            out = decode_quant(q, *args, bits=v0.bits, group=v0.group, v_group=v0.v_group, k_tail=v0.k_tail,
+                               v_tail=v0.v_tail, **kw)  # fmt: skip
+        elif v0.fmt == "fp8":
+            out = decode_fp8(
+                q, t["k"], t["v"], t["k_scale"], t["v_scale"], k_new=v0.k_tail, v_new=v0.v_tail, **kw
+            )
+        elif v0.fmt == "compact":
+            out = decode_compact(q, t["k"], t["v"], t["pos"], k_new=v0.k_tail, v_new=v0.v_tail, **kw)
+        else:
+            out = decode_full(q, t["k"], t["v"], k_new=v0.k_tail, v_new=v0.v_tail, **kw)
+    else:
+        out = decode_mixed(q, views, scale=ctx.scale, lead=lead, kernels=ctx.interp.kernel(instr.kernel_uri))
+    if ctx.interp.validate:
+        for gi in served:
+            gq, gk, gv, qi = ctx.heads(gi)
+            want = layer.stores[gi].attend(gq, gk, gv, ctx.valid, ctx.scale)
+            rows = [local[h] * G + j for h in layer.groups[gi].kv_heads for j in range(G)]
+            got = out[:, rows]
+            ctx.interp.record("attend_decode", (got.float() - want.float()).abs().max().item())
+    if len(kv_heads) == layer.num_kv_heads:
+        ctx.out.copy_(out.to(ctx.out.dtype))
+    else:
+        ctx.out.index_copy_(1, q_idx, out.to(ctx.out.dtype))
+
+
+HANDLERS: dict[str, Callable[[Ctx, Instr], None]] = {
+    "attend_ref": _attend_ref,
+    "append": _append,
+    "push_residual": _push_residual,
+    "flush_quant": _flush_quant,
+    "attend_decode": _attend_decode,
+}
+
+# layer -> (interpreter, layer index in its schedule); filled by attach() or lazily by run_layer()
+_ATTACHED: weakref.WeakKeyDictionary[Any, tuple[Interpreter, int]] = weakref.WeakKeyDictionary()
+
+
+def _layer_strategies(layer) -> list:
+    row = [None] * layer.num_kv_heads
+    for g in layer.groups:
+        for h in g.kv_heads:
+            row[h] = g.strategy
+    return row
+
+
+def attach(cache: Any, *, validate: bool = False, backend: str | None = None, kernels=None) -> Interpreter:
+    """Build one interpreter for every layer of a ``KVCompileCache`` (lowering its strategies).
+
+    ``backend`` defaults to the cache's; ``kernels`` (uri -> (entry, reduce)) e.g. from
+    ``codegen.lower.load_plan_kernels(plan)`` replaces freshly rendered ones.
+    """
+    from ..codegen.lower import lower_strategies
+
+    layers = list(cache.layers)
+    sched = lower_strategies([_layer_strategies(la) for la in layers], head_dim=layers[0].head_dim,
+                             gqa=layers[0].gqa, dtype="float32")  # fmt: skip
+    interp = Interpreter(sched, backend or cache.backend, validate=validate, kernels=kernels)
+    for i, la in enumerate(layers):
+        _ATTACHED[la] = (interp, i)
+    return interp
+
+
+def is_attached(layer: Any) -> bool:
+    """Whether :func:`attach` gave ``layer`` an interpreter (then even backend "torch" runs the schedule)."""
+    return layer in _ATTACHED
+
+
+def run_layer(layer: Any, q, k, v, valid, scale) -> torch.Tensor:
+    """Entry point from the runtime's attention function for kernel backends."""
+    if layer not in _ATTACHED:
+        from ..codegen.lower import lower_strategies
+
+        sched = lower_strategies([_layer_strategies(layer)], head_dim=layer.head_dim, gqa=layer.gqa)
+        _ATTACHED[layer] = (Interpreter(sched, layer.backend), 0)
+    interp, idx = _ATTACHED[layer]
+    return interp.run(layer, idx, q, k, v, valid, scale)
