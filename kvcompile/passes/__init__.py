@@ -47,7 +47,7 @@ def assign_full(program: Program, ctx: PassContext) -> Program:
     return dataclasses.replace(program, assignment=assignment)
 
 
-from .calibrate import calibrate  # noqa: E402  (pass modules import PassContext from here)
+from .calibration import calibrate  # noqa: E402  (pass modules import PassContext from here)
 from .candidates import assign_candidates  # noqa: E402
 from .solve import predict_costs, solve_assignment  # noqa: E402
 from .verification import verify_plan  # noqa: E402

@@ -33,11 +33,34 @@ def target_allows(strategy: Strategy, target: Target) -> bool:
     return all(target_allows(p, target) for p in parts)
 
 
+def planner_grid(context: int) -> list[Strategy]:
+    """``full`` + ``strategies.default_instances(context)`` without the candidates that cost the most
+    calibration time for the least value: standalone H2O (in the question-agnostic setting SnapKV
+    keeps what H2O keeps and more, SnapKV paper Table 1; H2O stays inside MiKV) and token selections
+    keeping half the context (dominated by quantization at the same bytes). Only the first MiKV."""
+    out: list[Strategy] = [Full()]
+    mikv = 0
+    for s in default_instances(context):
+        half = s.name in ("snapkv", "sink_window") and s.kept(context) > context // 3
+        if s.name == "heavy_hitter" or half:
+            continue
+        if s.name == "mikv":
+            mikv += 1
+            if mikv > 1:
+                continue
+        out.append(s)
+    return out
+
+
 def candidate_grid(context: int, options: dict[str, Any]) -> list[Strategy]:
-    """``options["candidates"]`` (spec dicts) or ``full`` + ``strategies.default_instances(context)``."""
-    if options.get("candidates"):
-        return [from_spec(s) for s in options["candidates"]]
-    return [Full(), *default_instances(context)]
+    """``options["candidates"]`` (spec dicts, or ``"library"`` for every default instance) or
+    :func:`planner_grid`."""
+    chosen = options.get("candidates")
+    if chosen == "library":
+        return [Full(), *default_instances(context)]
+    if chosen:
+        return [from_spec(s) for s in chosen]
+    return planner_grid(context)
 
 
 def assign_candidates(program: Program, ctx: PassContext) -> Program:

@@ -26,7 +26,7 @@ import torch
 from ..ir import Program
 from ..strategies import from_spec
 from . import PassContext
-from .calibrate import rescale
+from .calibration import rescale
 from .calibration_set import CalibrationSample, build_sample, load_set
 from .solve import predict_costs, solve_assignment
 

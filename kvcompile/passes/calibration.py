@@ -146,7 +146,7 @@ def head_errors(
     return err.view(hk, g * t).mean(-1)
 
 
-NON_OBSERVING = ("full", "fp8", "quant")
+NON_OBSERVING = ("full", "fp8", "quant", "think")
 
 
 def observes(strategy: Strategy) -> bool:
