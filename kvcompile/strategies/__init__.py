@@ -31,9 +31,8 @@ def from_spec(spec: Mapping[str, Any]) -> Strategy:
     name = spec["name"]
     if name not in REGISTRY:
         raise ValueError(f"unknown strategy {name!r}; registered: {sorted(REGISTRY)}")
-    params = {
-        k: (from_spec(v) if isinstance(v, Mapping) and "name" in v else v) for k, v in spec.items() if k != "name"
-    }
+    nested = lambda v: isinstance(v, Mapping) and "name" in v  # noqa: E731
+    params = {k: (from_spec(v) if nested(v) else v) for k, v in spec.items() if k != "name"}
     try:
         return REGISTRY[name](**params)
     except TypeError as e:

@@ -41,8 +41,11 @@ def masked_attention(
         G query heads of its KV head: [B, Hk, N] float32 (H2O's accumulated score).
 
     Query ``t`` sees key ``j`` iff ``key_ok[j]`` and ``j <= N - T + t``. Queries that see no key
-    (left-padding rows) output zeros and contribute no mass.
+    (left-padding rows) contribute no mass; their output is undefined (finite) and never read.
+    Without ``col_sums`` the fused ``scaled_dot_product_attention`` computes the same thing.
     """
+    if not col_sums:
+        return _sdpa(q, k, v, key_ok, scale, chunk), None
     B, Hq, T, D = q.shape
     Hk, N = k.shape[1], k.shape[2]
     G = Hq // Hk
@@ -64,3 +67,48 @@ def masked_attention(
         if mass is not None:
             mass[:, :, :n1] += p.sum(dim=(2, 3))
     return out.view(B, Hq, T, -1).to(q.dtype), mass
+
+
+def _sdpa(q, k, v, key_ok, scale, chunk):
+    """Same attention through ``scaled_dot_product_attention`` (fused on CPU and GPU), used when no
+    probabilities are needed. A query that sees no key (padding) attends to its own token instead of
+    producing NaN; its output is never read by real tokens, but NaN would poison later layers."""
+    B, Hq, T, _ = q.shape
+    Hk, N = k.shape[1], k.shape[2]
+    G, past = Hq // Hk, N - T
+    ok = key_ok.expand(B, -1, N)
+    if ok.shape[1] > 1 and bool((ok == ok[:, :1]).all()):
+        ok = ok[:, :1]  # one mask for all heads (prefill, fp8/quant stores)
+    if ok.shape[1] > 1:
+        ok = ok[:, :, None].expand(B, Hk, G, N).reshape(B, Hq, N)  # query head j reads KV head j // G
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if past == 0 and bool(ok.all()):  # plain causal prefill: no mask tensor at all
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=G > 1
+        )
+    return _sdpa_masked(q, k, v, ok, scale, chunk)
+
+
+def _sdpa_masked(q, k, v, ok, scale, chunk):
+    B, Hq, T, _ = q.shape
+    Hk, N = k.shape[1], k.shape[2]
+    past = N - T
+    outs = []
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        t = torch.arange(t0, t1, device=q.device)[:, None]
+        j = torch.arange(past + t1, device=q.device)[None, :]
+        mask = ok[:, :, None, : past + t1] & (j <= past + t)  # [B, 1|Hq, Tc, Nc]
+        own = j == past + t
+        mask = mask | (~mask.any(-1, keepdim=True) & own)
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, t0:t1],
+                k[:, :, : past + t1],
+                v[:, :, : past + t1],
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=Hq != Hk,
+            )
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
