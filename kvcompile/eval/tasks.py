@@ -127,6 +127,34 @@ def cache_nbytes(cache: Any) -> int | None:
 
 # ---- building blocks --------------------------------------------------------------------------------
 @torch.no_grad()
+def prefill_context(model: torch.nn.Module, sample: Sample, cache: Any) -> torch.Tensor:
+    """Push ``ids[:, :context_len]`` through ``cache``; returns the last position's logits [1, 1, V]."""
+    ids = sample.ids.to(next(model.parameters()).device)
+    return model(ids[:, : sample.context_len], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+
+@torch.no_grad()
+def continue_answer(
+    model: torch.nn.Module, tokenizer: Any, sample: Sample, cache: Any, *, max_new_tokens: int = 10
+) -> tuple[str, int]:
+    """Greedy generation from the whole prompt on top of whatever ``cache`` already holds (only the
+    tokens it has not seen are fed). Returns ``(decoded new text, tokens pushed through the cache)``."""
+    ids = sample.ids.to(next(model.parameters()).device)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=getattr(model.generation_config, "eos_token_id", None) or 0,
+    )
+    new = out[0, ids.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True), int(out.shape[1]) - 1
+
+
 def generate_answer(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -141,22 +169,9 @@ def generate_answer(
     Question-agnostic (default): prefill ``ids[:, :context_len]`` into ``cache`` first, then generate
     from the whole prompt (only the question tokens are new to the cache).
     """
-    ids = sample.ids.to(next(model.parameters()).device)
     if not question_aware:
-        model(ids[:, : sample.context_len], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=getattr(model.generation_config, "eos_token_id", None) or 0,
-    )
-    new = out[0, ids.shape[1] :]
-    return tokenizer.decode(new, skip_special_tokens=True), int(out.shape[1]) - 1
+        prefill_context(model, sample, cache)
+    return continue_answer(model, tokenizer, sample, cache, max_new_tokens=max_new_tokens)
 
 
 def retrieval_accuracy(
@@ -246,7 +261,6 @@ def niah_accuracy(
     return retrieval_accuracy(model, tokenizer, ss, cache_factory, desc=f"niah@{length}", **kw)
 
 
-@torch.no_grad()
 def sample_nll(model: torch.nn.Module, sample: Sample, cache: Any, *, chunk: int = 32) -> tuple[float, int]:
     """Summed NLL (nats) of ``ids[:, context_len:]`` given the context, all through ``cache``.
 
@@ -256,25 +270,26 @@ def sample_nll(model: torch.nn.Module, sample: Sample, cache: Any, *, chunk: int
     """
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1")
+    if not 1 <= sample.context_len < sample.length:
+        raise ValueError(f"context_len={sample.context_len} must be in [1, {sample.length - 1}]")
+    return continuation_nll(model, sample, cache, prefill_context(model, sample, cache), chunk=chunk)
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: torch.nn.Module, sample: Sample, cache: Any, logits: torch.Tensor, *, chunk: int = 32
+) -> tuple[float, int]:
+    """The scoring half of :func:`sample_nll`: ``cache`` holds the context and ``logits`` [1, 1, V]
+    are the last context position's logits."""
     ids = sample.ids.to(next(model.parameters()).device)
     ctx, n = sample.context_len, ids.shape[1]
-    if not 1 <= ctx < n:
-        raise ValueError(f"context_len={ctx} must be in [1, {n - 1}]")
-    logits = model(ids[:, :ctx], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]
-    nll = 0.0
-    start = ctx  # logits[:, -1] predicts token `start`
-    while start < n:
-        stop = min(start + chunk, n)
-        # logits for tokens start..stop-1 are: the previous last logit, then those of ids[start:stop-1]
-        if stop - 1 > start:
-            more = model(ids[:, start : stop - 1], past_key_values=cache, use_cache=True).logits
-            step = torch.cat([logits, more], dim=1)
-        else:
-            step = logits
-        nll += torch.nn.functional.cross_entropy(step[0].float(), ids[0, start:stop], reduction="sum").item()
-        if stop < n:
-            logits = model(ids[:, stop - 1 : stop], past_key_values=cache, use_cache=True).logits
-        start = stop
+    ce = torch.nn.functional.cross_entropy
+    nll = ce(logits[0, -1:].float(), ids[0, ctx : ctx + 1], reduction="sum").item()  # token ctx
+    # feeding ids[s:e] yields the logits that predict ids[s+1:e+1]; the last token is never fed
+    for s in range(ctx, n - 1, chunk):
+        e = min(s + chunk, n - 1)
+        out = model(ids[:, s:e], past_key_values=cache, use_cache=True).logits
+        nll += ce(out[0].float(), ids[0, s + 1 : e + 1], reduction="sum").item()
     return nll, n - ctx
 
 
