@@ -13,6 +13,7 @@ import math
 import torch
 
 QUERY_CHUNK = 512
+MASS_CHUNK = 256  # smaller chunks keep the probability tile in cache for the column sums
 
 
 def leading_pads(valid_new: torch.Tensor) -> torch.Tensor:
@@ -44,29 +45,33 @@ def masked_attention(
     (left-padding rows) contribute no mass; their output is undefined (finite) and never read.
     Without ``col_sums`` the fused ``scaled_dot_product_attention`` computes the same thing.
     """
+    out = _sdpa(q, k, v, key_ok, scale, chunk)
     if not col_sums:
-        return _sdpa(q, k, v, key_ok, scale, chunk), None
+        return out, None
     B, Hq, T, D = q.shape
     Hk, N = k.shape[1], k.shape[2]
     G = Hq // Hk
     past = N - T
-    qf = q.float().view(B, Hk, G, T, D)
-    kf, vf = k.float(), v.float()
-    out = torch.empty(B, Hk, G, T, v.shape[-1], dtype=torch.float32, device=q.device)
-    mass = torch.zeros(B, Hk, N, dtype=torch.float32, device=q.device) if col_sums else None
-    ok = key_ok.expand(B, Hk, N)[:, :, None, None, :]
+    qf = (q.float() * scale).view(B, Hk, G, T, D)
+    kf = k.float()
+    mass = torch.zeros(B, Hk, N, dtype=torch.float32, device=q.device)
+    not_ok = ~key_ok.expand(B, Hk, N)[:, :, None, None, :]
+    masked = bool(not_ok.any())
+    chunk = min(chunk, MASS_CHUNK)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         n1 = past + t1  # keys beyond this are in every chunk query's future
-        s = torch.einsum("bhgtd,bhnd->bhgtn", qf[:, :, :, t0:t1], kf[:, :, :n1]) * scale
+        s = torch.einsum("bhgtd,bhnd->bhgtn", qf[:, :, :, t0:t1], kf[:, :, :n1])
+        if masked:
+            s.masked_fill_(not_ok[..., :n1], -math.inf)
         t = torch.arange(t0, t1, device=q.device)[:, None]
-        j = torch.arange(n1, device=q.device)[None, :]
-        s = s.masked_fill(~(ok[..., :n1] & (j <= past + t)), -math.inf)
-        p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-        out[:, :, :, t0:t1] = torch.einsum("bhgtn,bhnd->bhgtd", p, vf[:, :, :n1])
-        if mass is not None:
-            mass[:, :, :n1] += p.sum(dim=(2, 3))
-    return out.view(B, Hq, T, -1).to(q.dtype), mass
+        future = torch.arange(past + t0, n1, device=q.device)[None, :] > past + t  # only new keys
+        s[..., past + t0 :].masked_fill_(future, -math.inf)
+        p = torch.softmax(s, dim=-1)
+        if masked:
+            p.nan_to_num_(nan=0.0)  # a query with no visible key (padding) gives no mass
+        mass[:, :, :n1] += p.sum(dim=(2, 3))
+    return out, mass
 
 
 def _sdpa(q, k, v, key_ok, scale, chunk):
