@@ -22,8 +22,9 @@ q/k/v (post-RoPE) are recorded through a registered attention function
 previous implementation is restored afterwards) that wraps transformers' own sdpa attention.
 
 Candidates are defined at the plan's context ``C``; calibration runs at the set's sample length ``L``,
-so token-count parameters (``window``, ``budget``, ``recent``, ``decode_window``) are rescaled by
-``L / C`` (same kept fraction). Results are cached as JSON under ``models.cache_dir()/calibration``
+so each candidate is calibrated as its twin in the default grid built for ``L`` (same kept fraction),
+or with its token-count parameters (``window``, ``budget``, ``recent``, ``decode_window``) rescaled by
+``L / C`` (:func:`calibration_twins`). Results are cached as JSON under ``models.cache_dir()/calibration``
 keyed by model fingerprint + calibration set digest + rescaled candidate specs + settings.
 
 Models on the meta device cannot be run: damage then comes from literature priors per strategy
@@ -182,6 +183,35 @@ def rescale(strategy: Strategy, factor: float) -> Strategy:
     return dataclasses.replace(strategy, **changes) if changes else strategy
 
 
+def _shape(spec: Any) -> Any:
+    if isinstance(spec, dict):
+        nested = sorted((k, _shape(v)) for k, v in spec.items() if isinstance(v, dict))
+        return (spec.get("name"), tuple(nested))
+    return None
+
+
+def calibration_twins(cands: list[Strategy], context: int, tokens: int) -> list[Strategy]:
+    """The candidates as calibrated at ``tokens`` tokens: when a candidate belongs to the planner's or the
+    library's default grid at ``context``, its twin at the same index of that grid built for ``tokens``
+    (same kept fraction, and identical specs for every context, so the calibration cache is shared);
+    otherwise :func:`rescale` by ``tokens / context``."""
+    from ..strategies import default_instances
+    from .candidates import planner_grid
+
+    twins: dict[str, Strategy] = {}
+    for grid in (planner_grid, lambda c: [Full(), *default_instances(c)]):
+        try:
+            here, there = grid(context), grid(tokens)
+        except ValueError:
+            continue
+        if len(here) == len(there) and all(
+            _shape(a.to_spec()) == _shape(b.to_spec()) for a, b in zip(here, there, strict=True)
+        ):
+            for a, b in zip(here, there, strict=True):
+                twins.setdefault(json.dumps(a.to_spec(), sort_keys=True), b)
+    return [twins.get(json.dumps(c.to_spec(), sort_keys=True)) or rescale(c, tokens / context) for c in cands]
+
+
 # ---- one calibration sample -------------------------------------------------------------------
 @torch.no_grad()
 def _run_sample(
@@ -256,7 +286,7 @@ def run_calibration(
     from ..models import cache_dir, fingerprint
 
     cset = load_set(calibration)
-    scaled = [rescale(s, cset.tokens / context) for s in cands]
+    scaled = calibration_twins(cands, context, cset.tokens)
     specs = [s.to_spec() for s in scaled]
     key = calibration_key(fingerprint(model), cset.digest, specs, eps)
     path = cache_dir() / "calibration" / f"{key}.json"

@@ -129,5 +129,6 @@ def predict_costs(program: Program, ctx: PassContext) -> Program:
         pred["damage_source"] = program.facts["damage"]["source"]
     if "solve" in program.facts:
         pred["predicted_damage"] = program.facts["solve"]["objective"]
-        pred["solver"] = {k: program.facts["solve"][k] for k in ("status", "gap", "wall_s", "budget")}
+        # no wall time here: the same input must give a byte-identical plan
+        pred["solver"] = {k: program.facts["solve"][k] for k in ("status", "gap", "budget", "num_vars")}
     return program.with_facts(predicted={**dict(program.facts.get("predicted", {})), **pred})
