@@ -188,6 +188,9 @@ def test_new_token_validity_from_masks():
     additive = torch.zeros(B, 1, T, K).masked_fill(~allowed, torch.finfo(torch.float32).min)
     assert torch.equal(new_token_validity(additive, B, T, torch.device("cpu")), expect)
     assert torch.equal(new_token_validity(allowed[:, 0, -1].long(), B, T, torch.device("cpu")), expect)
+    # a sliding-window mask hides early new keys from the LAST row; they are still real tokens
+    window = torch.ones(1, 1, T, K, dtype=torch.bool).tril(K - T).triu(K - T - 1)
+    assert new_token_validity(window, B, T, torch.device("cpu")).all()
     with pytest.raises(ValueError, match="2D or 4D"):
         new_token_validity(torch.ones(B, 1, K), B, T, torch.device("cpu"))
 

@@ -46,21 +46,25 @@ def register() -> None:
 def new_token_validity(mask: torch.Tensor | None, batch: int, new: int, device: torch.device) -> torch.Tensor:
     """[B, T] bool: which of the ``new`` tokens are real (not padding), read from the model's mask.
 
-    ``mask`` is what the model passes to attention: None, a [B|1, 1, T, K] bool (True = attend) or
-    additive float mask, or a 2D [B, K] padding mask. The last query row sees every real key among
-    the last T columns (it is causal-after all of them), so its last T entries are the validity.
+    ``mask`` is what the model passes to attention: None (no padding), a [B|1, 1, T, K] bool
+    (True = attend) or additive float mask (0 = attend), or a 2D [B, K] padding mask (nonzero = real).
+    In a 4D mask a real new key is attended by at least its own query row and a padding key by no
+    row, so a key column's validity is "any row attends it" (robust to sliding-window masks too).
     """
     if mask is None:
         return torch.ones(batch, new, dtype=torch.bool, device=device)
-    if mask.dim() == 4:
-        row = mask[:, 0, -1, -new:]
-    elif mask.dim() == 2:
-        row = mask[:, -new:]
-    else:
+    if mask.dim() not in (2, 4):
         raise ValueError(f"attention_mask must be 2D or 4D, got shape {tuple(mask.shape)}")
-    if row.dtype != torch.bool:
-        row = row > torch.finfo(row.dtype).min / 2 if row.is_floating_point() else row != 0
-    return row.to(device).expand(batch, new)
+    cols = mask[..., -new:]
+    if cols.dtype != torch.bool:
+        cols = (
+            cols > torch.finfo(cols.dtype).min / 2
+            if cols.is_floating_point() and mask.dim() == 4
+            else cols != 0
+        )
+    if mask.dim() == 4:
+        cols = cols[:, 0, -new:].any(dim=-2)
+    return cols.to(device).expand(batch, new)
 
 
 def _run_group(

@@ -100,6 +100,8 @@ def plan_for(
     ``model`` is an HF model or a :class:`kvcompile.models.Loaded`. ``predicted`` records the exact
     KV bytes at ``context`` from the strategies' ``bytes_for``.
     """
+    if name is None and not hasattr(model, "config"):
+        name = getattr(model, "name", None)  # a Loaded carries the spec name ("smollm2-135m")
     model = hf_model(model)
     ref = model_ref(model, name)
     layers = [
