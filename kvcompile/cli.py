@@ -95,10 +95,8 @@ def _compile(args: argparse.Namespace) -> int:
     m = plan.model
     print(f"model    {m.name} ({m.arch}, {len(m.sites)} attention layers, {m.dtype})")
     print(f"target   {t.name} x{t.gpus}, context {plan.config.context}, batch {plan.config.batch}")
-    print(
-        f"full KV  {pr['full_kv_bytes_per_token']} B/token ({plan.model.dtype}), "
-        f"{pr['full_bf16_kv_bytes_per_token']} B/token (bfloat16)"
-    )
+    bf16 = "" if m.dtype == "bfloat16" else f", {pr['full_bf16_kv_bytes_per_token']} B/token (bfloat16)"
+    print(f"full KV  {pr['full_kv_bytes_per_token']} B/token ({m.dtype}){bf16}")
     print(
         f"plan KV  {fmt_bytes(pr['kv_bytes_at_context'])} at context "
         f"({pr['kv_bytes_at_context'] / pr['full_kv_bytes_at_context']:.3f} x full)"
@@ -115,6 +113,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(render_inspect(plan, context=args.context, batch=args.batch))
     if args.heatmap:
         print(f"\nheatmap written to {heatmap(plan, args.heatmap, context=args.context, batch=args.batch)}")
+        from .report import strategy_heatmap
+
+        strat_png = str(args.heatmap).removesuffix(".png") + "-strategies.png"
+        print(f"strategy heatmap written to {strategy_heatmap(plan, strat_png)}")
     return 0
 
 

@@ -67,35 +67,47 @@ def header(plan: Plan, view: View) -> str:
 
 
 def layer_table(plan: Plan, view: View) -> str:
-    """Per layer and KV head: strategy label and bytes at context. Runs of identical layers are merged."""
+    """Per layer and KV head: strategy label and bytes at context, one sub-row per distinct strategy
+    of a layer (its heads listed as ranges). Runs of identical consecutive layers are merged."""
     strategies = plan.strategies()
     per_head = head_bytes(plan, view)
     rows: list[tuple[str, str, str, str]] = []
-    i = 0
-    n = len(plan.layers)
+    i, n = 0, len(plan.layers)
     while i < n:
         key = _layer_key(plan, strategies, i)
         j = i
         while j + 1 < n and _layer_key(plan, strategies, j + 1) == key:
             j += 1
         site = plan.model.sites[i]
-        row, sizes = strategies[i], per_head[i]
-        pairs = enumerate(zip(row, sizes, strict=True))
-        heads = "  ".join(f"h{h}:{s.label()} {fmt_bytes(b)}" for h, (s, b) in pairs)
-        if len({s.label() for s in row}) == 1 and len(row) > 1:
-            heads = f"h0-h{len(row) - 1}: {row[0].label()}  {fmt_bytes(sizes[0])} each"
         layers = str(i) if i == j else f"{i}-{j}"
         window = str(site.sliding_window) if site.sliding_window else "-"
         total = fmt_bytes(sum(per_head[i]) * (j - i + 1)) + ("" if i == j else f" ({j - i + 1} layers)")
-        rows.append((layers, window, heads, total))
+        groups: dict[str, list[int]] = {}
+        for h, strat in enumerate(strategies[i]):
+            groups.setdefault(strat.label(), []).append(h)
+        for g, (label, heads) in enumerate(groups.items()):
+            each = fmt_bytes(per_head[i][heads[0]]) + (" each" if len(heads) > 1 else "")
+            cell = f"{_ranges(heads):<9} {label}  {each}"
+            rows.append((layers, window, cell, total) if g == 0 else ("", "", cell, ""))
         i = j + 1
+    title = "KV heads: strategy, bytes at context"
     w0 = max(len("layer"), *(len(r[0]) for r in rows))
     w1 = max(len("window"), *(len(r[1]) for r in rows))
-    w2 = max(len("KV heads: strategy, bytes at context"), *(len(r[2]) for r in rows))
-    lines = [f"{'layer':>{w0}}  {'window':>{w1}}  {'KV heads: strategy, bytes at context':<{w2}}  bytes"]
-    lines.append("-" * len(lines[0]) + "-" * 8)
-    lines += [f"{a:>{w0}}  {b:>{w1}}  {c:<{w2}}  {d}" for a, b, c, d in rows]
+    w2 = max(len(title), *(len(r[2]) for r in rows))
+    lines = [f"{'layer':>{w0}}  {'window':>{w1}}  {title:<{w2}}  bytes"]
+    lines.append("-" * (len(lines[0]) + 8))
+    lines += [f"{a:>{w0}}  {b:>{w1}}  {c:<{w2}}  {d}".rstrip() for a, b, c, d in rows]
     return "\n".join(lines)
+
+
+def _ranges(heads: list[int]) -> str:
+    """``[0, 1, 2, 5] -> 'h0-h2,h5'``."""
+    out, start = [], heads[0]
+    for a, b in zip(heads, [*heads[1:], None], strict=True):
+        if b != a + 1:
+            out.append(f"h{start}" if start == a else f"h{start}-h{a}")
+            start = b
+    return ",".join(out)
 
 
 def _layer_key(plan: Plan, strategies: list[list[Any]], i: int) -> tuple[Any, ...]:
@@ -115,10 +127,13 @@ def totals(plan: Plan, view: View) -> str:
     free = node_mem - weights - kv
     per_token_full = plan.full_kv_bytes(1, 1)
     per_token_bf16 = plan.full_kv_bytes(1, 1, dtype="bfloat16")
+    dtype = plan.model.dtype
+    bf16_token = "" if dtype == "bfloat16" else f", {per_token_bf16} B (bfloat16)"
+    bf16_ctx = "" if dtype == "bfloat16" else f", {kv / full_bf16:.3f} x bfloat16 ({fmt_bytes(full_bf16)})"
     lines = [
-        f"full-cache KV bytes/token   {per_token_full} B ({plan.model.dtype}), {per_token_bf16} B (bfloat16)",
-        f"plan KV at context          {fmt_bytes(kv)}  = {kv / full:.3f} x full {plan.model.dtype} "
-        f"({fmt_bytes(full)}), {kv / full_bf16:.3f} x full bf16 ({fmt_bytes(full_bf16)})",
+        f"full-cache KV bytes/token   {per_token_full} B ({dtype}){bf16_token}",
+        f"plan KV at context          {fmt_bytes(kv)}  = {kv / full:.3f} x full {dtype} "
+        f"({fmt_bytes(full)}){bf16_ctx}",
         f"node memory                 {fmt_bytes(node_mem)} ({t.gpus} x {fmt_bytes(t.memory_bytes)}): "
         f"weights {fmt_bytes(weights)} + KV {fmt_bytes(kv)} = {(weights + kv) / node_mem:.1%} used",
         "fits                        " + ("yes" if free >= 0 else f"NO, short by {fmt_bytes(-free)}"),
@@ -127,20 +142,29 @@ def totals(plan: Plan, view: View) -> str:
 
 
 def predicted_vs_measured(plan: Plan, view: View) -> str | None:
-    """Side by side for keys present in both ``predicted`` and ``measured``; others listed after."""
-    if not plan.measured:
+    """Scalar ``predicted`` values, side by side with ``measured`` ones when the plan has them."""
+    measured = plan.measured or {}
+    both = set(plan.predicted) | set(measured)
+    keys = sorted(k for k in both if not _nested(plan.predicted.get(k, measured.get(k))))
+    if not keys:
         return None
-    keys = sorted(set(plan.predicted) | set(plan.measured))
+    if not measured:
+        w = max(len(k) for k in keys)
+        return "\n".join([f"{'predicted':<{w}}"] + [f"{k:<{w}}  {_fmt(plan.predicted[k]):>16}" for k in keys])
     w = max(len(k) for k in keys)
     lines = [f"{'quantity':<{w}}  {'predicted':>16}  {'measured':>16}"]
     for k in keys:
-        p, m = plan.predicted.get(k, ""), plan.measured.get(k, "")
+        p, m = plan.predicted.get(k, ""), measured.get(k, "")
         lines.append(f"{k:<{w}}  {_fmt(p):>16}  {_fmt(m):>16}")
     return "\n".join(lines)
 
 
 def notes(plan: Plan, view: View) -> str | None:
     return "\n".join(f"note: {n}" for n in plan.notes) or None
+
+
+def _nested(v: Any) -> bool:
+    return isinstance(v, (dict, list))
 
 
 def _fmt(v: Any) -> str:
@@ -215,3 +239,80 @@ def targets_table(names: list[str]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head[:-1])]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
     return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows])
+
+
+# ---- planner sections: head roles and the strategy heatmap (added by the planner) ---------------------
+ROLE_LEGEND = (
+    "R = retrieval head, every token kept (full / fp8 / quant / think / mikv); "
+    "K = keyed selection (snapkv / heavy_hitter, alone or quantized); S = streaming (sinks + recent window)"
+)
+
+
+def head_role(spec: dict[str, Any]) -> str:
+    """``R``, ``K`` or ``S`` for one head's strategy spec (see ``ROLE_LEGEND``)."""
+    name = spec.get("name")
+    if name == "compose":
+        return head_role(spec.get("select", {}))
+    if name == "sink_window":
+        return "S"
+    if name in ("snapkv", "heavy_hitter"):
+        return "K"
+    return "R"
+
+
+def head_roles(plan: Plan, view: View) -> str | None:
+    """Which heads the solve kept as retrieval heads vs streaming heads, per layer (10 layers a line)."""
+    if all(h == {"name": "full", "dtype": "model"} for lp in plan.layers for h in lp.heads):
+        return None
+    roles = ["".join(head_role(h) for h in lp.heads) for lp in plan.layers]
+    counts = {r: sum(x.count(r) for x in roles) for r in "RKS"}
+    lines = [f"head roles  R {counts['R']}  K {counts['K']}  S {counts['S']}   ({ROLE_LEGEND})"]
+    for start in range(0, len(roles), 10):
+        chunk = roles[start : start + 10]
+        lines.append(f"  layers {start:>3}-{start + len(chunk) - 1:<3} " + " ".join(chunk))
+    return "\n".join(lines)
+
+
+def strategy_family(spec: dict[str, Any]) -> str:
+    """Short family label: ``full``, ``full:bfloat16``, ``quant4``, ``snapkv``, ``compose(snapkv+q2)``."""
+    name = spec.get("name", "?")
+    if name == "full":
+        return "full" if spec.get("dtype", "model") == "model" else f"full:{spec['dtype']}"
+    if name == "quant":
+        return f"quant{spec.get('bits')}"
+    if name == "compose":
+        return f"compose({spec['select']['name']}+q{spec['quant'].get('bits')})"
+    return str(name)
+
+
+def strategy_heatmap(plan: Plan, path: str) -> str:
+    """Save a layer x KV-head map of the chosen strategy family (categorical colours, PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    fams = [[strategy_family(h) for h in lp.heads] for lp in plan.layers]
+    names = sorted({f for row in fams for f in row})
+    index = {n: i for i, n in enumerate(names)}
+    grid = [[index[f] for f in row] for row in fams]
+    cmap = ListedColormap(plt.get_cmap("tab20").colors[: max(len(names), 1)])
+    width = max(len(r) for r in grid)
+    fig, ax = plt.subplots(figsize=(4 + 0.5 * width, 1.5 + 0.14 * len(grid)))
+    ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
+    for i, row in enumerate(plan.layers):
+        for j, h in enumerate(row.heads):
+            ax.text(j, i, head_role(h), ha="center", va="center", fontsize=6, color="white")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(index[n])) for n in names]
+    ax.legend(handles, names, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{plan.model.name}: strategy per head (R/K/S roles)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+SECTIONS.insert(3, ("head roles", head_roles))

@@ -122,3 +122,24 @@ def test_compile_and_inspect_smollm2(tmp_path, capsys):
     rc, out, err = _run(capsys, "inspect", str(path))
     assert rc == 0, err
     assert "smollm2-135m (LlamaForCausalLM, float32" in out and "real weights" in out
+
+
+def test_inspect_mixed_layer_rows(plan70b):
+    """Heads of one layer with different strategies get one sub-row per strategy, with exact bytes."""
+    from kvcompile.report import fmt_bytes, render_inspect
+    from kvcompile.strategies import from_spec
+
+    plan = load(plan70b)
+    fp8, q4 = {"name": "fp8"}, {"name": "quant", "bits": 4}
+    mixed = plan.layers[1].model_copy(update={"heads": [fp8, fp8, q4, q4, q4, q4, fp8, q4]})
+    plan = plan.model_copy(update={"layers": [plan.layers[0], mixed, *plan.layers[2:]]}).sealed()
+    text = render_inspect(plan, context=1000)
+    row = [ln for ln in text.splitlines() if ln.lstrip().startswith("1 ")]
+    assert len(row) == 1, text
+    q4_bytes = from_spec(q4).bytes_for(1000, 128, 2)
+    fp8_bytes = from_spec(fp8).bytes_for(1000, 128, 2)
+    assert "h0-h1,h6" in row[0] and f"{fmt_bytes(fp8_bytes)} each" in row[0]
+    assert f"{fmt_bytes(3 * fp8_bytes + 5 * q4_bytes)}" in row[0]
+    q_row = text.splitlines()[text.splitlines().index(row[0]) + 1]
+    assert "h2-h5,h7" in q_row and from_spec(q4).label() in q_row and f"{fmt_bytes(q4_bytes)} each" in q_row
+    assert " 2-79 " in text  # the identical full layers after it are merged
