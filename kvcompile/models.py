@@ -172,6 +172,7 @@ def fingerprint(model: torch.nn.Module) -> str:
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     params = [p for p in model.parameters() if p.device.type != "meta"]
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # TP rank: local shard
     for p in params[:4] + params[-2:]:
         h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
     return h.hexdigest()[:20]
