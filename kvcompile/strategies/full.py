@@ -62,7 +62,8 @@ class FullStore(Store):
         key_ok[:, past:] = valid_new
         mask = allowed[None, None] & key_ok[:, None, None, :]  # [B, 1, T, N]
         # queries on padding rows see no key; give them their own position so softmax stays finite
-        mask = mask | (~mask.any(-1, keepdim=True) & (pos[None, None, None, :] == (past + torch.arange(T))[:, None]))
+        own = pos[None, :] == (past + torch.arange(T, device=q.device))[:, None]  # [T, N] (device-safe)
+        mask = mask | (~mask.any(-1, keepdim=True) & own)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
         )
