@@ -1,13 +1,16 @@
-"""Offline, seeded evaluation samples built from English prose that ships with CPython.
+"""Offline, seeded evaluation samples built from English text already on the machine.
 
-Text source
------------
-The prose paragraphs of ``pydoc_data/topics.py`` — the documentation topics (language reference)
-that every CPython install carries for ``help()``. Only unindented, wrapped paragraphs that start
-with a capital letter and end with a period are kept (code blocks, grammar rules and headings are
-dropped): about 400 paragraphs, ~140 k characters, ~30 k tokens. The same paragraphs serve as the
-haystack filler of ``passkey``/``niah`` and as the text of ``ppl``. :func:`source_info` records the
-file, its SHA-256 and the Python version so results name their exact text.
+Text sources (no downloads; :func:`source_info` records files, SHA-256s and the Python version)
+-------------------------------------------------------------------------------------------------
+* ``ppl``: the prose paragraphs of CPython's ``pydoc_data/topics.py`` — the language-reference
+  topics every CPython install carries for ``help()``. Only unindented, wrapped paragraphs that start
+  with a capital letter and end with a period are kept (code, grammar rules and headings dropped):
+  ~390 paragraphs, ~130 k characters (~29 k tokens).
+* ``passkey``/``niah`` haystack filler: the Debian license texts in ``/usr/share/common-licenses``
+  (GPL-3, GPL-2, LGPL-2.1, GFDL-1.3, Apache-2.0, MPL-2.0; package base-files), paragraphs that do not
+  mention "pass"/"key" (~200 paragraphs, ~75 k characters). With the Python reference as filler
+  SmolLM2 reads "pass key" as Python's ``pass``/dict keys (60 % full-cache passkey accuracy at 1k vs
+  100 %); when the license files are missing the filtered pydoc prose is used instead.
 
 Samples
 -------
