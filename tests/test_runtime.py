@@ -6,6 +6,7 @@ K/V rounded to each head's storage dtype.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -289,3 +290,23 @@ def test_unsupported_cache_operations_raise(gpt2):
         cache.crop(-1)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+
+
+@pytest.mark.gpu
+def test_cuda_mixed_plan_matches_dynamic_cache(llama):
+    """Stores, head-group indices and masks live on the model's device."""
+    model = copy.deepcopy(llama).cuda()
+    plan = mixed_plan(model, [{"name": "full"}, {"name": "full", "dtype": "float32"}], context=512)
+    ids, mask = (t.cuda() for t in _batch(_rows(6, [10, 4])))
+    cache, ref_cache = make_cache(plan, model), DynamicCache(config=model.config)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, past_key_values=cache).logits
+        ref = model(ids, attention_mask=mask, past_key_values=ref_cache).logits
+        nxt = ref[:, -1].argmax(-1, keepdim=True)
+        mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+        got2 = model(nxt, attention_mask=mask2, past_key_values=cache).logits
+        ref2 = model(nxt, attention_mask=mask2, past_key_values=ref_cache).logits
+    torch.testing.assert_close(got[1, 6:], ref[1, 6:], atol=1e-4, rtol=1e-4)  # row 1's padding is don't-care
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got2, ref2, atol=1e-4, rtol=1e-4)
+    assert all(t.is_cuda for _, s in cache.stores(0) for t in s.tensors().values())
