@@ -120,6 +120,12 @@ class SelectStore(Store):
         self._mass = None if mass is None else mass[..., ne:]
         return out
 
+    def observe(self, mass: torch.Tensor) -> None:
+        """Record attention mass computed elsewhere (a kernel that replaced :meth:`attend`):
+        [B, Hg, Nk + T] float32 over the stored then the new tokens, summed over queries and the
+        G query heads. H2O needs it every step; without it decode tokens add no score."""
+        self._mass = mass
+
     def append(self, k_new, v_new, q_new, valid_new):
         B, Hg, T = k_new.shape[:3]
         first = self.k is None
