@@ -88,6 +88,24 @@ def test_exact_match_scoring():
     assert extract_number("no digits") is None
 
 
+def test_as_cache_factory_forms(tmp_path):
+    from kvcompile.eval import as_cache_factory
+
+    class Holder:
+        def make_cache(self, model, **kw):
+            return ("cache-of", model)
+
+    assert as_cache_factory(None)("m", 10) is None  # DynamicCache
+    assert as_cache_factory(Holder().make_cache)("m", 10) == ("cache-of", "m")  # one-argument factory
+    assert as_cache_factory(lambda model, tokens: tokens)("m", 10) == 10
+    with pytest.raises(TypeError, match="cache factory"):
+        as_cache_factory(3)
+    from kvcompile.plan import PlanError
+
+    with pytest.raises(PlanError, match="cannot read"):
+        as_cache_factory(tmp_path / "missing.kvplan")
+
+
 # ---- perplexity -----------------------------------------------------------------------------------------
 @torch.no_grad()
 def _reference_ppl(model, sample):

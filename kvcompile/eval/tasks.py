@@ -84,9 +84,13 @@ def as_cache_factory(obj: Any) -> CacheFactory:
         plan = obj
         return lambda model, tokens: plan.make_cache(model)
     if callable(obj):
-        if len(inspect.signature(obj).parameters) == 1:
-            return lambda model, tokens: obj(model)
-        return obj
+        kinds = [p.kind for p in inspect.signature(obj).parameters.values()]
+        positional = sum(
+            k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds
+        )
+        if positional >= 2 or inspect.Parameter.VAR_POSITIONAL in kinds:
+            return obj
+        return lambda model, tokens: obj(model)  # a one-argument factory, e.g. ``plan.make_cache``
     raise TypeError(
         f"expected None, a Plan, a plan path or a callable cache factory, got {type(obj).__name__}"
     )
