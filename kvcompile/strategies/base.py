@@ -68,10 +68,8 @@ class Strategy(ABC):
 
     def label(self) -> str:
         """Short human-readable label, e.g. ``quant(bits=2,group=32,residual=32)``."""
-        params = ",".join(
-            f"{f.name}={getattr(self, f.name).label() if isinstance(getattr(self, f.name), Strategy) else getattr(self, f.name)}"
-            for f in dataclasses.fields(self)
-        )
+        vals = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        params = ",".join(f"{n}={v.label() if isinstance(v, Strategy) else v}" for n, v in vals)
         return f"{self.name}({params})" if params else self.name
 
     def kernel_format(self) -> str:
@@ -161,7 +159,9 @@ def reference_attention(
     return out.to(q.dtype), probs
 
 
-def check_range(name: str, value: Any, lo: float | None = None, hi: float | None = None, allowed: Any = None) -> None:
+def check_range(
+    name: str, value: Any, lo: float | None = None, hi: float | None = None, allowed: Any = None
+) -> None:
     """Raise ``ValueError`` naming the parameter when ``value`` is outside its range."""
     if allowed is not None and value not in allowed:
         raise ValueError(f"{name}={value!r} not allowed; choose one of {list(allowed)}")
