@@ -103,14 +103,15 @@ def capture(model: torch.nn.Module, *, example_len: int = 8, name: str | None = 
     if example_len < 2:
         raise ValueError(f"example_len={example_len} must be >= 2")
     cls = type(model).__name__
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
         raise CaptureError(f"{cls}: unsupported model: no transformers `config` with num_hidden_layers found")
     num_layers = int(config.num_hidden_layers)
     on_meta = any(p.is_meta for p in model.parameters())
     types = _layer_types(config, num_layers)
 
-    probe, rep = model, list(range(num_layers))
+    probe: Any = model
+    rep = list(range(num_layers))
     if on_meta and num_layers > _FULL_DEPTH_MAX:
         depth, rep = _reduced_plan(types)
         probe = _reduced_copy(model, depth, types)
@@ -174,7 +175,7 @@ def _export(model: torch.nn.Module, example_len: int) -> torch.fx.Graph:
     return ep.graph
 
 
-def _export_and_read(model: torch.nn.Module, example_len: int) -> tuple[list[_ReadSite], torch.fx.Graph]:
+def _export_and_read(model: Any, example_len: int) -> tuple[list[_ReadSite], torch.fx.Graph]:
     current = getattr(model.config, "_attn_implementation", None)
     swappable = hasattr(model, "set_attn_implementation")
     nodes: list[torch.fx.Node] = []
@@ -314,7 +315,10 @@ def _read_site(graph: torch.fx.Graph, node: torch.fx.Node) -> _ReadSite:
     if layer is None:
         raise CaptureError(f"{cls}: attention module path {path!r} has no layer index")
     hq, d, dv = int(q.shape[1]), int(q.shape[-1]), int(v.shape[-1])
-    hkv = _kv_heads_from_key(node, node.args[1])
+    k_node = node.args[1]
+    if not isinstance(k_node, torch.fx.Node):
+        raise CaptureError(f"{cls}: SDPA node {node.name} in {path!r} has no key input node")
+    hkv = _kv_heads_from_key(node, k_node)
     proj = _projection_kv_heads(graph, path, hq, d, dv)
     if proj is not None and proj != hkv:
         raise CaptureError(
@@ -333,7 +337,7 @@ def _read_site(graph: torch.fx.Graph, node: torch.fx.Node) -> _ReadSite:
         head_dim=d,
         v_head_dim=dv,
         dtype=str(k.dtype).removeprefix("torch."),
-        scale=float(scale) if scale is not None else 1.0 / math.sqrt(d),
+        scale=float(scale) if isinstance(scale, (int, float)) else 1.0 / math.sqrt(d),
     )
 
 
@@ -420,14 +424,15 @@ def _reduced_plan(types: list[str | None]) -> tuple[int, list[int]]:
     return depth, [first[t] for t in types]
 
 
-def _reduced_copy(model: torch.nn.Module, depth: int, types: list[str | None]) -> torch.nn.Module:
+def _reduced_copy(model: Any, depth: int, types: list[str | None]) -> torch.nn.Module:
     cfg = copy.deepcopy(model.config)
     cfg.num_hidden_layers = depth
     if types[0] is not None:
         cfg.layer_types = types[:depth]
     dtype = next(iter(model.parameters())).dtype
+    cls: Any = type(model)
     with torch.device("meta"):
-        reduced = type(model)._from_config(cfg, dtype=dtype)
+        reduced = cls._from_config(cfg, dtype=dtype)
     return reduced.eval()
 
 

@@ -102,8 +102,9 @@ def layer_table(plan: Plan, view: View) -> str:
 
 def _ranges(heads: list[int]) -> str:
     """``[0, 1, 2, 5] -> 'h0-h2,h5'``."""
-    out, start = [], heads[0]
-    for a, b in zip(heads, [*heads[1:], None], strict=True):
+    out: list[str] = []
+    start = heads[0]
+    for a, b in zip(heads, [*heads[1:], -1], strict=True):
         if b != a + 1:
             out.append(f"h{start}" if start == a else f"h{start}-h{a}")
             start = b
