@@ -402,7 +402,9 @@ def _module_windows(model: torch.nn.Module, n: int) -> dict[int, int | None]:
 
 def _cross_check(sites: Iterable[AttentionSite], config: Any, cls: str) -> None:
     hq = getattr(config, "num_attention_heads", None)
-    hkv = getattr(config, "num_key_value_heads", None) or hq
+    hkv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or hq
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        hkv = 1  # Falcon-7B style multi-query attention
     d = getattr(config, "head_dim", None) or (config.hidden_size // hq if hq else None)
     for s in sites:
         for what, graph_v, cfg_v in (("query heads", s.num_q_heads, hq), ("KV heads", s.num_kv_heads, hkv),

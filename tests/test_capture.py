@@ -169,3 +169,19 @@ def test_graph_config_disagreement_is_an_error():
 def test_example_len_validation():
     with pytest.raises(ValueError, match="example_len"):
         capture(_NoConfig(), example_len=1)
+
+
+def test_alibi_multi_query_falcon():
+    cfg = T.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, alibi=True,
+        new_decoder_architecture=False, multi_query=True,
+    )
+    program = capture(_build(cfg, "sdpa"))
+    assert [(s.num_q_heads, s.num_kv_heads, s.head_dim) for s in program.sites] == [(4, 1, 16)] * 2
+    assert all(s.pos is PosKind.ALIBI and s.rope_theta is None for s in program.sites)
+
+
+def test_unsupported_bloom_names_the_class():
+    cfg = T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64)
+    with pytest.raises(CaptureError, match=r"^BloomForCausalLM: no attention found"):
+        capture(_build(cfg, "eager"))
