@@ -45,10 +45,8 @@ def make_inputs(n: int, hg: int, d: int, pad: int, seed: int = 0):
     return q, k, v, valid
 
 
-def new_store(s: Strategy, hg: int, d: int):
-    return s.new_store(
-        batch=B, num_heads=hg, head_dim=d, gqa=G, dtype=torch.float32, device=torch.device("cpu")
-    )
+def new_store(s: Strategy, hg: int, d: int, dtype: torch.dtype = torch.float32):
+    return s.new_store(batch=B, num_heads=hg, head_dim=d, gqa=G, dtype=dtype, device=torch.device("cpu"))
 
 
 def step(store, q, k, v, valid):
@@ -57,24 +55,28 @@ def step(store, q, k, v, valid):
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_nbytes_equals_bytes_for(name):
-    s, hg, d = small(name), 2, 64
+def test_nbytes_equals_bytes_for(name, dtype):
+    s, hg, d, db = small(name), 2, 64, dtype.itemsize
     for n in (1, 8, 33, 64, 97):
-        q, k, v, valid = make_inputs(n, hg, d, pad=min(3, n - 1), seed=n)
-        st = new_store(s, hg, d)
-        step(st, q, k, v, valid)
-        assert st.nbytes() == s.bytes_for(n, d, 4) * B * hg, (name, n)
+        q, k, v, valid = (
+            x.to(dtype) if x.is_floating_point() else x for x in make_inputs(n, hg, d, min(3, n - 1), n)
+        )
+        st = new_store(s, hg, d, dtype)
+        out = step(st, q, k, v, valid)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert st.nbytes() == s.bytes_for(n, d, db) * B * hg, (name, n)
         assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors().values())
     # prefill 60 then 20 single-token decode steps: exact at every step
-    q, k, v, valid = make_inputs(80, hg, d, pad=5, seed=1)
-    st = new_store(s, hg, d)
+    q, k, v, valid = (x.to(dtype) if x.is_floating_point() else x for x in make_inputs(80, hg, d, 5, 1))
+    st = new_store(s, hg, d, dtype)
     step(st, q[:, :, :60], k[:, :, :60], v[:, :, :60], valid[:, :60])
     for t in range(60, 80):
         step(st, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], valid[:, t : t + 1])
-        assert st.nbytes() == s.bytes_for_seq(60, t + 1 - 60, d, 4) * B * hg, (name, t)
+        assert st.nbytes() == s.bytes_for_seq(60, t + 1 - 60, d, db) * B * hg, (name, t)
     assert st.tokens_seen == 80
-    assert s.reads_bytes_for(80, d, 4) >= 0 and s.dequant_flops_per_token(d) >= 0
+    assert s.reads_bytes_for(80, d, db) >= 0 and s.dequant_flops_per_token(d) >= 0
 
 
 LOSSLESS = [

@@ -4,6 +4,27 @@ The registry maps a strategy's ``name`` to its class; it is the only way plans a
 (``from_spec``), so a strategy that is not listed here cannot appear in a plan.
 To add a strategy: write the dataclass (cite its paper, exact ``bytes_for``, a ``Store``), add it
 to ``REGISTRY`` below, and the parametrized tests in tests/test_strategies*.py cover it.
+
+Storage layouts per head group (B rows, Hg KV heads, head_dim D; ``store.tensors()`` names them;
+kernels read exactly these, see each store's docstring):
+
+==================  ======================  =====================================================
+strategy            kernel_format()         tensors
+==================  ======================  =====================================================
+full                full                    k, v [B, Hg, N, D] (storage dtype)
+fp8                 fp8                     k, v float8_e4m3fn [B, Hg, N, D]; k_scale, v_scale f32 [B, Hg]
+quant (KIVI)        quant                   k_codes, v_codes u8 [B, Hg, Nq, D*bits/8]; k_scale, k_zero f16
+                                            [B, Hg, Nq/G, D]; v_scale, v_zero f16 [B, Hg, Nq, D/v_group];
+                                            k_res, v_res [B, Hg, Nr, D]
+sink_window/snapkv  compact                 k, v [B, Hg, Nk, D]; pos i32 [B, Hg, Nk] (sorted, -1 = empty)
+heavy_hitter        compact_scored          compact + score f32 [B, Hg, Nk]
+think               think                   k [B, Hg, N, Dk]; k_channels i32 [B, Hg, Dk]; v [B, Hg, N, D]
+compose             quant_pos               quant tensors + pos i32 [B, Hg, Nq+Nr]
+mikv                mikv                    selector tensors + lo_<quant tensors> + lo_pos
+==================  ======================  =====================================================
+
+Left padding: full/fp8/quant/think keep padded slots and mask ``slot < lead[b]``; selection
+stores never keep padding (their ``pos`` is -1 in empty slots, so ``pos < lead[b]`` also masks).
 """
 
 from __future__ import annotations
