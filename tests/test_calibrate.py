@@ -35,8 +35,9 @@ def test_sink_window_error_matches_independent_reference():
     t = q.shape[2] - ctx
     out = reference_attention(q[:, :, ctx:], k[:, :, keep], v[:, :, keep], None, scale, causal_new=t)[0]
     ref = reference_attention(q[:, :, ctx:], k, v, None, scale, causal_new=t)[0]
-    err = ((out - ref) ** 2).sum(-1) / (ref**2).sum(-1)  # [1, Hq, t]
-    expect = err.view(2, 3 * t).mean(-1)
+    err = (((out - ref) ** 2).sum(-1) / (ref**2).sum(-1)).view(2, 3, t)  # [Hk, G, t]
+    # positions averaged with the final (answer) query weighted LAST_WEIGHT, then the G query heads
+    expect = ((1 - cal.LAST_WEIGHT) * err.mean(-1) + cal.LAST_WEIGHT * err[..., -1]).mean(-1)
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-7)
 
 

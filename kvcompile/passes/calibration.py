@@ -8,14 +8,17 @@ For every (layer, KV head, candidate) the pass estimates
   only that head's cache is the candidate's store (question-agnostic: the sample's context is
   ``attend``-ed and ``append``-ed into the candidate's own ``Store`` first, then the observation
   queries — the question and answer prefix, or the last prose tokens — attend over the compressed
-  context plus themselves). Averaged over query positions and the head's G query heads:
-  ``mean_t ||o_t - r_t||^2 / ||r_t||^2`` against full attention ``r`` (``reference_attention``).
-  All KV heads of a layer share one store per candidate: stores treat heads independently.
+  context plus themselves): ``||o_t - r_t||^2 / ||r_t||^2`` against full attention ``r``
+  (``reference_attention``), averaged over the head's G query heads and over positions with the final
+  position (the answer query) weighted ``LAST_WEIGHT``; the worst case over samples is kept, so a head
+  one retrieval sample needs stays protected. All KV heads of a layer share one store per candidate:
+  stores treat heads independently.
 * ``sensitivity[l]``: KL(full || perturbed) of the next-token distributions at the observation
-  positions when layer ``l``'s attention output gets Gaussian noise of relative norm ``eps`` per
-  (token, head), divided by ``eps^2``. The observation tokens are re-run on top of the cached context
-  (``DynamicCache.crop``), so each layer costs only a short forward. With this weight the damage is
-  a first-order estimate of the KL the head adds to the final logits (nats).
+  positions (same position weighting, mean over samples) when layer ``l``'s attention output gets
+  Gaussian noise of relative norm ``eps`` per (token, head), divided by ``eps^2``. The observation
+  tokens are re-run on top of the cached context (``DynamicCache.crop``), so each layer costs only a
+  short forward. With this weight the damage is a first-order estimate of the KL the head adds to
+  the final logits (nats).
 
 q/k/v (post-RoPE) are recorded through a registered attention function
 (``AttentionInterface.register("kvcompile_calibrate", ...)`` + ``model.set_attn_implementation``, the
@@ -55,7 +58,8 @@ from .calibration_set import CalibrationSample, build_sample, load_set
 
 log = logging.getLogger("kvcompile.passes.calibrate")
 
-CALIB_VERSION = 1
+CALIB_VERSION = 2
+LAST_WEIGHT = 0.5  # share of the final observation position (the answer query) in every average
 ATTN_NAME = "kvcompile_calibrate"
 TOKEN_FIELDS = ("window", "budget", "recent", "decode_window")
 DEFAULT_EPS = 0.05
@@ -144,7 +148,13 @@ def head_errors(
     out = store.attend(q[:, :, o], k[:, :, o], v[:, :, o], valid_o, scale).float()
     rf = ref.float()
     err = (out - rf).pow(2).sum(-1) / rf.pow(2).sum(-1).clamp_min(1e-20)  # [1, Hq, t]
-    return err.view(hk, g * t).mean(-1)
+    return position_average(err.view(hk, g, t)).mean(-1)
+
+
+def position_average(x: torch.Tensor) -> torch.Tensor:
+    """Average over the last dim (observation positions) with the final position weighted ``LAST_WEIGHT``:
+    on retrieval samples it is the query that produces the answer, which a plain mean dilutes."""
+    return (1 - LAST_WEIGHT) * x.mean(-1) + LAST_WEIGHT * x[..., -1]
 
 
 NON_OBSERVING = ("full", "fp8", "quant", "think")
@@ -237,7 +247,7 @@ def _run_sample(
             probe.perturb_layer = layer
             logits = model(ids[:, ctx_len:], past_key_values=cache, use_cache=True).logits[0].float()
             lp = torch.log_softmax(logits, -1)
-            kl = (base_lp.exp() * (base_lp - lp)).sum(-1).mean().item()
+            kl = position_average((base_lp.exp() * (base_lp - lp)).sum(-1)).item()
             sens.append(max(kl, 0.0) / eps**2)
         probe.perturb_layer = None
     dtype = next(model.parameters()).dtype
@@ -308,8 +318,9 @@ def run_calibration(
     try:
         for i, sample in enumerate(samples):
             e2, sens = _run_sample(model, sample, scaled, eps, i, bar)
+            # worst case over samples: a head a single retrieval sample needs must stay protected
             err_sum = e2 if err_sum is None else [
-                [[a + b for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(la, lb, strict=True)]
+                [[max(a, b) for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(la, lb, strict=True)]
                 for la, lb in zip(err_sum, e2, strict=True)
             ]
             sens_sum = [a + b for a, b in zip(sens_sum, sens, strict=True)]
@@ -325,7 +336,7 @@ def run_calibration(
         "tokens": cset.tokens,
         "eps": eps,
         "specs": specs,
-        "err2": [[[x / n for x in row] for row in layer] for layer in err_sum or []],
+        "err2": err_sum or [],
         "sensitivity": [s / n for s in sens_sum],
         "seconds": round(time.perf_counter() - t0, 2),
     }
