@@ -49,23 +49,40 @@ def _load_q(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Rows ``hq0 .. hq0+G-1`` of ``q`` [B, Hq, D] times ``qk_scale``: f32 [BLOCK_G, BLOCK_D] tile."""
+    """Rows ``hq0 .. hq0+G-1`` of ``q`` [B, Hq, D] times ``qk_scale`` as a [BLOCK_G, BLOCK_D] tile: float32
+    for float32 models, float16 for half-precision ones (the dtype every tile of the program then uses
+    for its tensor-core products, see :func:`_dot`)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = q_ptr + (b * Hq + hq0 + offs_g[:, None]) * D + offs_d[None, :]
     mask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * qk_scale
+    q = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * qk_scale
+    if q_ptr.dtype.element_ty != tl.float32:
+        q = q.to(tl.float16)
+    return q
+
+
+@triton.jit
+def _dot(a, b):
+    """``a @ b`` with float32 accumulation: exact fp32 products when ``a`` is float32, otherwise tensor-core
+    products in ``a``'s dtype (``b`` is cast to it)."""
+    if a.dtype == tl.float32:
+        res = tl.dot(a, b.to(tl.float32), input_precision="ieee")
+    else:
+        res = tl.dot(a, b.to(a.dtype))
+    return res
 
 
 @triton.jit
 def _online_update(m, lsum, acc, s, v):
-    """One online-softmax step: ``s`` [BG, BN] log2-domain scores (-inf = masked), ``v`` [BN, BD] f32."""
+    """One online-softmax step: ``s`` [BG, BN] log2-domain scores (-inf = masked), ``v`` [BN, BD] in the
+    tile dtype (float32, or float16 for half-precision models)."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep p = alpha = 0
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     lsum = lsum * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
     return m_new, lsum, acc
 
 
@@ -153,4 +170,4 @@ def _reduce_splits_kernel(
 
 
 # jit helpers in dependency order, for rendering kernel sources (see kvcompile.codegen.cache)
-COMMON_SOURCES = (_e4m3_to_f32, _load_q, _online_update, _store_partial, _finish, _reduce_splits_kernel)
+COMMON_SOURCES = (_e4m3_to_f32, _load_q, _dot, _online_update, _store_partial, _finish, _reduce_splits_kernel)

@@ -25,6 +25,7 @@ from ._common import (
     FMT_FP8,
     FMT_FULL,
     LOG2E,
+    _dot,
     _e4m3_to_f32,
     _finish,
     _load_q,
@@ -89,9 +90,9 @@ def _dense_tokens(
         else:
             p = pos0 + offs_n.to(tl.int64)
         valid = nmask & (p >= lead)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = _dot(q, tl.trans(k))
         s = tl.where(valid[None, :], s, float("-inf"))
-        m, lsum, acc = _online_update(m, lsum, acc, s, v)
+        m, lsum, acc = _online_update(m, lsum, acc, s, v.to(q.dtype))
     return m, lsum, acc
 
 

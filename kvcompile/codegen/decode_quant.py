@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _finish, _load_q, _online_update
+from ._common import LOG2E, _dot, _finish, _load_q, _online_update
 from ._launch import (
     FLOAT_DTYPES,
     alloc_partials,
@@ -85,9 +85,9 @@ def _quant_tokens(
             vz_ptr + vs_off, mask=mask2, other=0
         ).to(tl.float32)
         valid = nmask & (offs_n.to(tl.int64) >= lead)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = _dot(q, tl.trans(k))
         s = tl.where(valid[None, :], s, float("-inf"))
-        m, lsum, acc = _online_update(m, lsum, acc, s, v)
+        m, lsum, acc = _online_update(m, lsum, acc, s, v.to(q.dtype))
     return m, lsum, acc
 
 
