@@ -43,9 +43,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``[..., D * bits // 8]`` uint8 -> ``[..., D]`` uint8 codes."""
     ppb = _check_bits(bits)
-    shifts = torch.arange(ppb, device=packed.device, dtype=torch.int32) * bits
-    c = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
-    return c.reshape(*packed.shape[:-1], packed.shape[-1] * ppb).to(torch.uint8)
+    if ppb == 1:
+        return packed
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    c = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * ppb)
 
 
 def _grouped(x: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor, int]:
@@ -94,7 +96,7 @@ def dequantize(
 ) -> torch.Tensor:
     """``x̂ = code * scale + zero`` (float32) for unpacked ``codes`` grouped as in :func:`quantize_groups`."""
     g, ax = _grouped(codes.float(), dim, group)
-    return (g * scale.float().unsqueeze(ax) + zero.float().unsqueeze(ax)).reshape(codes.shape)
+    return torch.addcmul(zero.float().unsqueeze(ax), g, scale.float().unsqueeze(ax)).reshape(codes.shape)
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group: int, mask: torch.Tensor | None = None):
