@@ -40,12 +40,13 @@ def lower_strategies(
 
     for layer, row in enumerate(strategies):
         groups = group_heads(row, gqa)
-        slots = [slot_for(g.strategy, head_dim) for g in groups]
-        served = tuple(i for i, s in enumerate(slots) if s is not None)
+        maybe = [slot_for(g.strategy, head_dim) for g in groups]
+        slots = {i: s for i, s in enumerate(maybe) if s is not None}  # groups served by kernels
+        served = tuple(slots)
         main_ops = []  # the appends of prefill and decode
         for gi, g in enumerate(groups):
             fmt = g.strategy.kernel_format()
-            if fmt == "quant":
+            if fmt == "quant" and gi in slots:
                 main_ops.append(("push_residual", gi))
                 s = slots[gi]
                 instrs.append(

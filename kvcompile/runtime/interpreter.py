@@ -87,8 +87,10 @@ class Interpreter:
             for i in schedule.select(phase):
                 self._by[(phase, i.layer)] = self._by.get((phase, i.layer), ()) + (i,)
 
-    def kernel(self, uri: str) -> tuple[Any, Any]:
+    def kernel(self, uri: str | None) -> tuple[Any, Any]:
         """(entry, reduce) jit functions of ``uri``, loaded once through the kernel cache."""
+        if uri is None or uri not in self.schedule.kernels:
+            raise ValueError(f"kernel_uri={uri!r} is not a kernel of this schedule")
         if uri not in self._kernels:
             from ..codegen.cache import load_kernel
             from ..codegen.keys import KernelKey
@@ -259,10 +261,10 @@ def _attend_decode(ctx: Ctx, instr: Instr) -> None:
         out = decode_mixed(q, views, scale=ctx.scale, lead=lead, kernels=ctx.interp.kernel(instr.kernel_uri))
     if ctx.interp.validate:
         for gi in served:
-            gq, gk, gv, qi = ctx.heads(gi)
+            gq, gk, gv, _ = ctx.heads(gi)
             want = layer.stores[gi].attend(gq, gk, gv, ctx.valid, ctx.scale)
             rows = [local[h] * G + j for h in layer.groups[gi].kv_heads for j in range(G)]
-            got = out[:, rows]
+            got = out[:, rows]  # type: ignore[index]
             ctx.interp.record("attend_decode", (got.float() - want.float()).abs().max().item())
     if len(kv_heads) == layer.num_kv_heads:
         ctx.out.copy_(out.to(ctx.out.dtype))
