@@ -88,7 +88,7 @@ def default_instances(context: int) -> list[Strategy]:
         obs = min(32, n // 4)
         for bits in (4, 2):
             q = Quant(bits=bits, group=32)
-            if n >= q.residual + q.group:
+            if n >= q.r + q.group:
                 out.append(Compose(select=SnapKV(budget=n - obs, obs_window=obs), quant=q))
                 out.append(Compose(select=SinkWindow(sinks=4, window=n - 4), quant=q))
     for n in budgets[1:3]:

@@ -48,9 +48,9 @@ class Compose(Strategy):
             raise ValueError(f"compose: quant={self.quant!r} must be a quant strategy")
         if isinstance(self.select, SnapKV) and self.select.decode_window is not None:
             raise ValueError("compose: select.decode_window is not supported (selection is prefill-time)")
-        if self.quant.residual + self.quant.group > self.select.cap():
+        if self.quant.r + self.quant.group > self.select.cap():
             raise ValueError(
-                f"compose: quant residual+group={self.quant.residual + self.quant.group} larger than the "
+                f"compose: quant residual+group={self.quant.r + self.quant.group} larger than the "
                 f"select budget {self.select.cap()} (nothing would be quantized)"
             )
 

@@ -51,16 +51,21 @@ class Quant(Strategy):
             raise ValueError(f"bits={self.bits}: head_dim={head_dim} must be divisible by {ppb} (packing)")
         if head_dim % self.vg(head_dim):
             raise ValueError(f"v_group={self.v_group} must divide head_dim={head_dim}")
-        if context is not None and self.residual + self.group > context:
-            total = self.residual + self.group
+        if context is not None and self.r + self.group > context:
+            total = self.r + self.group
             raise ValueError(f"residual+group={total} larger than context={context}: nothing is quantized")
+
+    @property
+    def r(self) -> int:
+        """The residual window R in tokens (``residual`` resolved)."""
+        return self.group if self.residual is None else self.residual
 
     def vg(self, head_dim: int) -> int:
         return self.v_group or head_dim
 
     def split(self, tokens: int) -> tuple[int, int]:
         """(quantized, residual) token counts after ``tokens`` tokens."""
-        nq = max(0, tokens - self.residual) // self.group * self.group
+        nq = max(0, tokens - self.r) // self.group * self.group
         return nq, tokens - nq
 
     def quantized_bytes(self, nq: int, head_dim: int) -> int:
@@ -112,17 +117,22 @@ class KiviBuffer:
 
     def slot_ok(self, start: int, end: int) -> torch.Tensor:
         """[B, Hg or 1, end-start] bool validity of slots ``start..end``."""
-        if self.with_pos:
+        if self.pos is not None:
             return self.pos[:, :, start:end] >= 0
+        if self.lead is None:
+            raise RuntimeError("KiviBuffer: set lead (or keep pos) before pushing tokens")
         slot = torch.arange(start, end, device=self.lead.device)
         return (slot[None, :] >= self.lead[:, None])[:, None, :]
 
     def push(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None) -> None:
         """Append tokens [B, Hg, T, D] (and their ``pos`` [B, Hg, T]) and flush full groups."""
         k, v = k.to(self.dtype), v.to(self.dtype)
-        self.k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)
-        self.v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
+        k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)
+        v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
+        self.k_res, self.v_res = k_res, v_res
         if self.with_pos:
+            if pos is None:
+                raise ValueError("pos: required by a KiviBuffer that keeps positions")
             self.pos = pos if self.pos is None else torch.cat([self.pos, pos], dim=2)
         nq, _ = self.s.split(self.n)
         f = nq - self.nq
@@ -130,18 +140,20 @@ class KiviBuffer:
             return
         s, G = self.s, self.s.group
         key_ok = self.slot_ok(self.nq, nq)[..., None]
-        kq = qr.quantize_keys(self.k_res[:, :, :f], s.bits, G, key_ok)
-        vq = qr.quantize_values(self.v_res[:, :, :f], s.bits, self.vg)
+        kq = qr.quantize_keys(k_res[:, :, :f], s.bits, G, key_ok)
+        vq = qr.quantize_values(v_res[:, :, :f], s.bits, self.vg)
         names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
         for name, t in zip(names, kq + vq, strict=True):
             old = getattr(self, name)
             setattr(self, name, t if old is None else torch.cat([old, t], dim=2))
-        self.k_res, self.v_res = self.k_res[:, :, f:].contiguous(), self.v_res[:, :, f:].contiguous()
+        self.k_res, self.v_res = k_res[:, :, f:].contiguous(), v_res[:, :, f:].contiguous()
         self.nq = nq
 
     def dequant(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K, V [B, Hg, Nq+Nr, D] in the model dtype, validity [B, Hg or 1, Nq+Nr])."""
         s = self.s
+        if self.k_res is None or self.v_res is None:
+            raise RuntimeError("KiviBuffer.dequant: nothing pushed yet")
         if self.nq:
             kq = qr.dequantize_keys(self.k_codes, self.k_scale, self.k_zero, s.bits, s.group).to(self.dtype)
             vq = qr.dequantize_values(self.v_codes, self.v_scale, self.v_zero, s.bits, self.vg).to(self.dtype)

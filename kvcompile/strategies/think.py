@@ -74,6 +74,8 @@ class ThinKStore(Store):
         self.tokens_seen = 0
 
     def _select(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k_channels is None:
+            raise RuntimeError("ThinKStore: channels are chosen at the first append")
         idx = self.k_channels.long()[:, :, None, :].expand(-1, -1, x.shape[2], -1)
         return torch.gather(x, 3, idx)
 
