@@ -119,7 +119,7 @@ def test_smollm2_calibrated_compile_verifies(smol, tmp_path, monkeypatch):
     assert plan.predicted["damage_source"] == "calibration"
     assert plan.predicted["kv_bytes_at_context"] <= 0.3 * plan.predicted["full_bf16_kv_bytes_at_context"]
     m = plan.measured
-    assert m["samples"] == 3 and {"kl", "ppl_full", "ppl_plan", "passkey_full", "passkey_plan"} <= set(m)
+    assert m["samples"] == 2 and {"kl", "ppl_full", "ppl_plan", "passkey_full", "passkey_plan"} <= set(m)
     assert m["kl"] >= 0 and m["ppl_full"] > 1
     assert smol.model.config._attn_implementation == "sdpa"
     # warm calibration cache: same plan, byte for byte

@@ -423,9 +423,10 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
            if not all(map(math.isfinite, row))]
     if bad:
         raise ValueError(f"calibration produced non-finite damage at (layer, head) {bad[:4]}")
-    hit = "cache hit" if data["cache_hit"] else f"{data['seconds']}s"
+    log.info("calibration %s: %s", data["key"], "cache hit" if data["cache_hit"] else f"{data['seconds']}s")
+    # no timings or cache state in notes: the plan must be byte-identical for the same input
     notes.append(f"damage calibrated on {data['samples']} x {data['tokens']}-token samples of "
-                 f"{data['calibration']!r} ({hit}); units: predicted KL contribution (nats)")
+                 f"{data['calibration']!r}; units: predicted KL contribution (nats)")
     damage = {
         "source": "calibration", "values": values, "layer_weight": sens, "err2": data["err2"],
         "key": data["key"], "cache_hit": data["cache_hit"], "seconds": data["seconds"],

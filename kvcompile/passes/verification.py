@@ -1,7 +1,8 @@
 """Run the solved plan end to end on held-back calibration samples and record what it really does.
 
 ``facts["measured"]`` (copied into ``Plan.measured``) gets, on the calibration set's ``heldout`` samples
-built at the plan's context (capped at ``options["verify_tokens"]``, default 2048; a plan for a longer
+built at the plan's context (capped at ``options["verify_tokens"]``, default 1024; the first
+``options["verify_samples"]`` held-out samples, default 2: one passkey, one prose; a plan for a longer
 context is verified with its token budgets rescaled to that length, noted):
 
 * ``kl``: mean KL(full || plan) of the next-token distributions over the prose continuation, whose
@@ -18,6 +19,10 @@ best measured plan is kept and a failure is stated in ``notes``.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 import time
 from typing import Any
 
@@ -31,6 +36,7 @@ from .calibration_set import CalibrationSample, build_sample, load_set
 from .solve import predict_costs, solve_assignment
 
 TIGHTEN = 4.0
+VERIFY_VERSION = 1
 
 
 def _plan_cache(model: Any, assignment, context: int):
@@ -95,6 +101,31 @@ def measure(model: Any, tok: Any, assignment, samples: list[CalibrationSample], 
     return out
 
 
+def cached_measure(ctx: PassContext, fingerprint: str, assignment, samples: list[CalibrationSample],
+                   tokens: int) -> dict[str, Any]:
+    """:func:`measure`, memoised on disk (``models.cache_dir()/verify``) by model fingerprint, the exact
+    assignment and sample ids, so recompiling an unchanged plan does not re-run it."""
+    from ..models import cache_dir
+
+    plan = [[dict(s) for s in row] for row in assignment]
+    body = json.dumps({"v": VERIFY_VERSION, "fp": fingerprint, "a": plan, "s": [list(s.ids) for s in samples],
+                       "n": tokens}, sort_keys=True)
+    path = cache_dir() / "verify" / f"{hashlib.sha256(body.encode()).hexdigest()[:24]}.json"
+    if ctx.options.get("calibration_cache", True) and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    m = measure(ctx.model, ctx.tokenizer, assignment, samples, tokens, ctx.progress)
+    if ctx.options.get("calibration_cache", True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(m, f)
+        os.replace(tmp, path)
+    return m
+
+
 def passes_tolerance(m: dict[str, Any], tolerance: float | None) -> bool:
     ok = m.get("passkey_plan", 1.0) >= m.get("passkey_full", 0.0)
     if tolerance is not None and "ppl_delta" in m:
@@ -114,8 +145,9 @@ def verify_plan(program: Program, ctx: PassContext) -> Program:
         return program
     cset = load_set(ctx.config.calibration)
     context = ctx.config.context
-    n = min(context, int(ctx.options.get("verify_tokens", 2048)))
-    samples = [build_sample(ctx.tokenizer, cset, item, tokens=n) for item in cset.heldout]
+    n = min(context, int(ctx.options.get("verify_tokens", 1024)))
+    held = cset.heldout[: int(ctx.options.get("verify_samples", 2))]
+    samples = [build_sample(ctx.tokenizer, cset, item, tokens=n) for item in held]
     notes = list(program.facts.get("notes", ()))
     if n < context:
         notes.append(f"verified at {n} tokens (plan context {context}): token budgets rescaled by "
@@ -125,7 +157,7 @@ def verify_plan(program: Program, ctx: PassContext) -> Program:
         assignment = p.assignment
         if n < context:
             assignment = [[rescale(from_spec(s), n / context).to_spec() for s in row] for row in assignment]
-        return measure(ctx.model, ctx.tokenizer, assignment, samples, n, ctx.progress)
+        return cached_measure(ctx, program.model.fingerprint, assignment, samples, n)
 
     tol = ctx.config.tolerance
     best, best_m = program, run(program)
