@@ -78,8 +78,9 @@ def _run_group(
 ) -> torch.Tensor:
     """Attention of one head group, then fold its new tokens into the store: the one per-group call.
 
-    q: [B, Hg*G, T, D]; k, v: [B, Hg, T, D]; valid: [B, T] bool. Returns [B, Hg*G, T, Dv]. Backends
-    other than ``"torch"`` (the store's reference attend/append) are dispatched here.
+    q: [B, Hg*G, T, D]; k, v: [B, Hg, T, D]; valid: [B, T] bool. Returns [B, Hg*G, T, Dv]. This is
+    the store's reference (torch) path; kernel backends and attached schedules never reach it, they
+    run through ``runtime/interpreter.py`` (see :func:`attend_layer`).
     """
     if backend != "torch":
         raise ValueError(f"backend={backend!r} is not available; choose one of {list(BACKENDS)}")
