@@ -165,3 +165,24 @@ def test_smollm2_greedy_generation_interpreter_validate_equals_torch(smol):
     assert "714" in tok.decode(tokens["torch"])
     assert interp.counts["attend_decode"] == 30 * 5 and interp.errors["attend_decode"] < 1e-4
     assert interp.errors["flush_quant"] == 0.0
+
+
+def test_emit_code_pass_puts_schedule_and_kernels_in_facts():
+    from kvcompile.codegen.lower import emit_code
+    from kvcompile.ir import AttentionSite, ModelInfo, PosKind, Program
+
+    sites = tuple(
+        AttentionSite(i, f"layers.{i}.attn", 12, 3, 64, 64, PosKind.ROPE, 1e4, None, "bfloat16", 0.125)
+        for i in range(2)
+    )
+    model = ModelInfo("toy", "LlamaForCausalLM", "llama", "fp", 1, 2, 10, 768, 2, "bfloat16", True)
+    assignment = ((Q4, {"name": "full"}, Q4), ({"name": "fp8"},) * 3)
+    out = emit_code(Program(model, sites, assignment), None)
+    sched = Schedule.from_json(out.facts["schedule"])
+    assert [i.kernel_uri for i in sched.select("decode") if i.op == "attend_decode"] == [
+        "decode_mixed_hd64_gqa4_s-q4g8v64r8-full_bf16",
+        "decode_fp8_hd64_gqa4_bf16",
+    ]
+    assert set(out.facts["kernels"]) == {i.kernel_uri for i in sched.instrs if i.kernel_uri}
+    with pytest.raises(ValueError, match="assignment"):
+        emit_code(Program(model, sites), None)

@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..ir import Program
 from ..plan import Plan, PlanError
 from ..runtime.cache import group_heads
 from ..runtime.schedule import Instr, Schedule
-from ..strategies import Strategy
+from ..strategies import Strategy, from_spec
 from .cache import KernelSourceError, load_kernel, render, sha256
-from .keys import KernelKey, append_key, decode_key, slot_for
+from .keys import DTYPE_TAGS, KernelKey, append_key, decode_key, slot_for
 
 SELECTION_FORMATS = ("compact", "compact_scored")
 
@@ -81,6 +82,29 @@ def lower(plan: Plan) -> Schedule:
         raise PlanError(f"lower: layers differ in head_dim {sorted(head_dims)} or GQA ratio {sorted(gqas)}")
     dtype = plan.model.dtype if plan.model.dtype in ("float32", "float16", "bfloat16") else "float32"
     return lower_strategies(plan.strategies(), head_dim=head_dims.pop(), gqa=gqas.pop(), dtype=dtype)
+
+
+def emit_code(program: Program, ctx: Any = None) -> Program:
+    """Pass ``(Program, PassContext) -> Program``: put the runtime schedule and the rendered kernel sources
+    in ``program.facts`` (``schedule``, ``kernels``), which ``api.plan_from_program`` stores in the plan.
+
+    Assumes an assignment (one spec per KV head). Models whose layers differ in head_dim or GQA ratio
+    get a note instead (the runtime serves them with the torch reference)."""
+    if program.assignment is None:
+        raise ValueError("emit_code: the program has no strategy assignment")
+    shapes = {(s.head_dim, s.gqa_group) for s in program.sites}
+    if len(shapes) != 1:
+        notes = [
+            *program.facts.get("notes", ()),
+            f"codegen: layers differ in (head_dim, gqa) {sorted(shapes)}",
+        ]
+        return program.with_facts(notes=notes)
+    (head_dim, gqa), dtype = shapes.pop(), program.sites[0].dtype
+    strategies = [[from_spec(spec) for spec in row] for row in program.assignment]
+    sched = lower_strategies(
+        strategies, head_dim=head_dim, gqa=gqa, dtype=dtype if dtype in DTYPE_TAGS else "float32"
+    )
+    return program.with_facts(schedule=sched.to_json(), kernels=emit_kernels(sched))
 
 
 def emit_kernels(plan_or_schedule: Plan | Schedule) -> dict[str, dict[str, Any]]:

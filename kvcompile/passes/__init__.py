@@ -47,6 +47,7 @@ def assign_full(program: Program, ctx: PassContext) -> Program:
     return dataclasses.replace(program, assignment=assignment)
 
 
+from ..codegen.lower import emit_code  # noqa: E402  (schedule + kernel sources into the plan; codegen issue)
 from .calibration import calibrate  # noqa: E402  (pass modules import PassContext from here)
 from .candidates import assign_candidates  # noqa: E402
 from .solve import predict_costs, solve_assignment  # noqa: E402
@@ -61,6 +62,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("assign_full", assign_full),
     ("predict_costs", predict_costs),
     ("verify_plan", verify_plan),
+    ("emit_code", emit_code),
 ]
 
 
