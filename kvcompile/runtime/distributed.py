@@ -14,10 +14,11 @@ transformers' TP plan does not support (it needs ``H % t == 0``), so this module
 Host tier. Groups the plan places in host memory (``plan.placement``, from the ``place`` pass) live
 in a second memory pool: :class:`HostTierLayer` keeps their stores on ``host_device`` between steps,
 copies them to the compute device right before the layer's attention and back after it, and counts
-the bytes moved each way (``bytes_to_device`` / ``bytes_to_host``). On a CPU-only machine both pools
-are CPU memory, so the copies are real but the speed is not the PCIe link's; the byte counts are the
-quantities the cost model charges. The whole store is moved both ways (a GPU implementation would
-write back only the appended tokens).
+the bytes moved each way (``bytes_to_device`` / ``bytes_to_host``: the stores' KV bytes, ``nbytes()``;
+a few bytes of row bookkeeping such as left-padding counts move along uncounted). On a CPU-only
+machine both pools are CPU memory, so the copies are real but the speed is not the PCIe link's; the
+byte counts are the quantities the cost model charges. The whole store is moved both ways (a GPU
+implementation would write back only the appended tokens).
 
 Example (see ``examples/torchrun_smollm2.py``)
 -------
@@ -37,7 +38,6 @@ from typing import Any
 import torch
 
 from ..plan import LayerPlan, Plan, PlanError, SiteRef
-from ..strategies import Store
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import KVCompileCache, KVCompileLayer
 from .validate import check_plan
@@ -90,21 +90,20 @@ def host_heads(plan: Plan) -> set[tuple[int, int]]:
     return out
 
 
-def _move(obj: Any, device: torch.device, seen: set[int]) -> int:
-    """Move every tensor attribute of a store (and of nested stores) to ``device``; return bytes moved."""
-    if id(obj) in seen:
-        return 0
+def _move(obj: Any, device: torch.device, seen: set[int] | None = None) -> None:
+    """Copy every tensor reachable from a store's attributes (nested stores and buffers too) to ``device``."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or not hasattr(obj, "__dict__"):
+        return
     seen.add(id(obj))
-    moved = 0
     for name, value in list(vars(obj).items()):
         if isinstance(value, torch.Tensor):
             setattr(obj, name, value.to(device, copy=True))
-            moved += value.numel() * value.element_size()
-        elif isinstance(value, Store):
-            moved += _move(value, device, seen)
-        elif isinstance(value, list | tuple) and value and all(isinstance(v, Store) for v in value):
-            moved += sum(_move(v, device, seen) for v in value)
-    return moved
+        elif isinstance(value, list | tuple):
+            for v in value:
+                _move(v, device, seen)
+        elif value is not None and not isinstance(value, torch.dtype | torch.device | str | int | float):
+            _move(value, device, seen)
 
 
 class HostTierLayer(KVCompileLayer):
@@ -124,14 +123,16 @@ class HostTierLayer(KVCompileLayer):
     def fetch(self) -> None:
         """Copy the host-tier stores to the compute device (before this layer's attention)."""
         for i in self.host_groups:
-            self.bytes_to_device += _move(self.stores[i], self.device, set())
+            self.bytes_to_device += self.stores[i].nbytes()
+            _move(self.stores[i], self.device)
         self.staged = True
 
     def evict(self) -> None:
         """Copy them back into the host pool (after this layer's attention)."""
         if self.staged:
             for i in self.host_groups:
-                self.bytes_to_host += _move(self.stores[i], self.host_device, set())
+                self.bytes_to_host += self.stores[i].nbytes()
+                _move(self.stores[i], self.host_device)
             self.staged = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
