@@ -50,6 +50,10 @@ class FullStore(Store):
 
     def attend(self, q, k_new, v_new, valid_new, scale):
         B, T = q.shape[0], q.shape[2]
+        if self.k is None and bool(valid_new.all()):  # unpadded prefill: plain causal, SDPA's fast kernel
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k_new, v_new, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k_new.shape[1]
+            )
         k = k_new if self.k is None else torch.cat([self.k.to(self.compute), k_new], dim=2)
         v = v_new if self.v is None else torch.cat([self.v.to(self.compute), v_new], dim=2)
         N = k.shape[2]
