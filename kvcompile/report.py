@@ -176,12 +176,49 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def render_placement(plan: Plan, view: View | None = None) -> str | None:
+    """Parallelism and memory placement (``Plan.placement``, from the ``place_kv`` pass): TP degree,
+    per-GPU memory (weights / KV / activations / free), where each layer's KV groups live, the batch,
+    predicted tokens/s and the binding constraint. None when the plan has no placement."""
+    pl = plan.placement
+    if not pl or "tp" not in pl:
+        return None
+    g = pl["per_gpu"]
+    bd = pl.get("time_breakdown_s", {})
+    where = []  # consecutive layers with the same placement pattern
+    for row in pl["placement"]:
+        kinds = {grp["where"] for grp in row["groups"]}
+        pat = kinds.pop() if len(kinds) == 1 else "mixed (" + ", ".join(
+            f"heads {_ranges(grp['heads'])}: {grp['where']}" for grp in row["groups"]) + ")"
+        if where and where[-1][1] == pat and where[-1][0][-1] == row["layer"] - 1:
+            where[-1][0].append(row["layer"])
+        else:
+            where.append(([row["layer"]], pat))
+    ranks = ", ".join(f"GPU{r}: {_ranges(list(h))}" for r, h in enumerate(pl["rank_heads"]))
+    lines = [
+        f"placement (objective {pl['objective']}, {pl['target']}, context {pl['context']})",
+        f"  tensor parallel  TP={pl['tp']} of {pl['gpus']} GPUs; KV heads {ranks}; "
+        f"{pl['kv_copies']} head caches per layer in the node",
+        f"  batch            {pl['batch']} sequences",
+        f"  predicted        {pl['tokens_per_s']:.1f} tokens/s, step {pl['step_time_s'] * 1e3:.3f} ms ("
+        + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in bd.items()) + ")",
+        f"  per GPU memory   weights {fmt_bytes(g['weights'])} | KV {fmt_bytes(g['kv'])} | activations "
+        f"{fmt_bytes(g['activations'])} | reserve {fmt_bytes(g['reserve'])} | free {fmt_bytes(g['free'])}"
+        f"  (of {fmt_bytes(g['capacity'])})",
+        f"  host memory KV   {fmt_bytes(pl['host_kv_bytes'])} (node)",
+    ]
+    lines += [f"  layer{'s' if len(lo) > 1 else ''} {_ranges(lo)}: {pat}" for lo, pat in where]
+    lines.append(f"  why              {pl['binding']}")
+    return "\n".join(lines)
+
+
 Section = Callable[[Plan, View], "str | None"]
 SECTIONS: list[tuple[str, Section]] = [
     ("header", header),
     ("layers", layer_table),
     ("totals", totals),
     ("predicted vs measured", predicted_vs_measured),
+    ("placement", render_placement),
     ("notes", notes),
 ]
 

@@ -50,6 +50,7 @@ def assign_full(program: Program, ctx: PassContext) -> Program:
 from ..codegen.lower import emit_code  # noqa: E402  (schedule + kernel sources into the plan; codegen issue)
 from .calibration import calibrate  # noqa: E402  (pass modules import PassContext from here)
 from .candidates import assign_candidates  # noqa: E402
+from .place import place_kv  # noqa: E402  (TP x placement x batch; acts for gpus > 1 or a throughput objective)
 from .solve import predict_costs, solve_assignment  # noqa: E402
 from .verification import verify_plan  # noqa: E402
 
@@ -61,6 +62,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("solve_assignment", solve_assignment),
     ("assign_full", assign_full),
     ("predict_costs", predict_costs),
+    ("place_kv", place_kv),
     ("verify_plan", verify_plan),
     ("emit_code", emit_code),
 ]
