@@ -34,6 +34,106 @@ def _quant_codes(x, mn, mx, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _quant_keys_tile(
+    k_ptr,
+    kc_ptr,
+    ks_ptr,
+    kz_ptr,
+    lead_ptr,
+    row,
+    grp,
+    n,
+    start,
+    Hg,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_LEAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Keys of tokens [grp*GROUP, (grp+1)*GROUP) of ``row``, per channel: min/max over the real tokens
+    (cache slot ``start + t >= lead[b]``; no real token: scale = zero = 0), codes packed along channels."""
+    PPB: tl.constexpr = 8 // BITS
+    ROW: tl.constexpr = D * BITS // 8
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_j = tl.arange(0, PPB)
+    tok = grp * GROUP + offs_t[:, None, None]
+    chan = offs_b[None, :, None] * PPB + offs_j[None, None, :]
+    mask = (offs_t[:, None, None] < GROUP) & (offs_b[None, :, None] < ROW)
+    x = tl.load(k_ptr + (row * n + tok) * D + chan, mask=mask, other=0.0).to(tl.float32)
+    real = mask
+    if HAS_LEAD:
+        real = mask & (start + tok >= tl.load(lead_ptr + row // Hg))
+    mn = tl.min(tl.where(real, x, float("inf")), 0)  # [BLOCK_B, PPB]: per channel over tokens
+    mx = tl.max(tl.where(real, x, float("-inf")), 0)
+    mn = tl.where(mn == float("inf"), 0.0, mn)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    cmask = offs_b[None, :, None] < ROW  # [1, BLOCK_B, 1]
+    code, scale, zero = _quant_codes(
+        x, tl.where(cmask, mn[None, :, :], 0.0), tl.where(cmask, mx[None, :, :], 0.0), (1 << BITS) - 1
+    )
+    packed = tl.sum(code << (offs_j * BITS)[None, None, :], 2)
+    byte_mask = (offs_t[:, None] < GROUP) & (offs_b[None, :] < ROW)
+    tl.store(
+        kc_ptr + (row * n + grp * GROUP + offs_t[:, None]) * ROW + offs_b[None, :],
+        packed.to(tl.uint8),
+        mask=byte_mask,
+    )
+    sz_off = (row * (n // GROUP) + grp) * D + chan
+    tl.store(ks_ptr + sz_off, scale.to(tl.float16), mask=cmask & (chan < D))
+    tl.store(kz_ptr + sz_off, zero.to(tl.float16), mask=cmask & (chan < D))
+
+
+@triton.jit
+def _quant_values_tile(
+    v_ptr,
+    vc_ptr,
+    vs_ptr,
+    vz_ptr,
+    row,
+    grp,
+    n,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    V_GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Values of tokens [grp*GROUP, (grp+1)*GROUP) of ``row``, per token over V_GROUP channels."""
+    PPB: tl.constexpr = 8 // BITS
+    ROW: tl.constexpr = D * BITS // 8
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_j = tl.arange(0, PPB)
+    tok = grp * GROUP + offs_t[:, None, None]
+    chan = offs_b[None, :, None] * PPB + offs_j[None, None, :]
+    mask = (offs_t[:, None, None] < GROUP) & (offs_b[None, :, None] < ROW)
+    x = tl.load(v_ptr + (row * n + tok) * D + chan, mask=mask, other=0.0).to(tl.float32)
+    mn = tl.zeros([BLOCK_T, BLOCK_B, PPB], tl.float32)
+    mx = tl.zeros([BLOCK_T, BLOCK_B, PPB], tl.float32)
+    for gi in tl.static_range(D // V_GROUP):
+        in_g = mask & (chan // V_GROUP == gi)
+        g_mn = tl.min(tl.min(tl.where(in_g, x, float("inf")), 2), 1)  # [BLOCK_T]: per token
+        g_mx = tl.max(tl.max(tl.where(in_g, x, float("-inf")), 2), 1)
+        mn = tl.where(in_g, g_mn[:, None, None], mn)
+        mx = tl.where(in_g, g_mx[:, None, None], mx)
+        sz_off = (row * n + grp * GROUP + offs_t) * (D // V_GROUP) + gi
+        tl.store(vs_ptr + sz_off, ((g_mx - g_mn) / ((1 << BITS) - 1)).to(tl.float16), mask=offs_t < GROUP)
+        tl.store(vz_ptr + sz_off, g_mn.to(tl.float16), mask=offs_t < GROUP)
+    code, scale, zero = _quant_codes(x, mn, mx, (1 << BITS) - 1)
+    packed = tl.sum(code << (offs_j * BITS)[None, None, :], 2)
+    byte_mask = (offs_t[:, None] < GROUP) & (offs_b[None, :] < ROW)
+    tl.store(
+        vc_ptr + (row * n + grp * GROUP + offs_t[:, None]) * ROW + offs_b[None, :],
+        packed.to(tl.uint8),
+        mask=byte_mask,
+    )
+
+
+@triton.jit
 def _quant_pack_kernel(
     k_ptr,
     v_ptr,
@@ -56,64 +156,37 @@ def _quant_pack_kernel(
     BLOCK_B: tl.constexpr,
 ):
     """Grid (B * Hg, n / GROUP, 2): program (row, g, 0) quantizes keys of tokens [g*GROUP, (g+1)*GROUP)
-    per channel; program (row, g, 1) quantizes their values per token over V_GROUP channels.
+    per channel; program (row, g, 1) their values per token over V_GROUP channels (one launch per flush).
     Tiles are [BLOCK_T tokens, BLOCK_B bytes, 8/BITS channels per byte]: channel = byte*ppb + j, so
-    packing is ``sum_j code << BITS*j`` over the last axis. Key min/max skip left padding: token t sits
-    at cache slot ``start + t`` and is padding when that slot is below ``lead[b]``; a key group with
-    no real token gets scale = zero = 0 (as ``_quant_ref.quantize_groups`` with a mask)."""
-    PPB: tl.constexpr = 8 // BITS
-    ROW: tl.constexpr = D * BITS // 8
-    QMAX: tl.constexpr = (1 << BITS) - 1
+    packing is ``sum_j code << BITS*j`` over the last axis."""
     row = tl.program_id(0)
     grp = tl.program_id(1)
-    is_v = tl.program_id(2)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_b = tl.arange(0, BLOCK_B)
-    offs_j = tl.arange(0, PPB)
-    tok = grp * GROUP + offs_t[:, None, None]
-    chan = offs_b[None, :, None] * PPB + offs_j[None, None, :]
-    mask = (offs_t[:, None, None] < GROUP) & (offs_b[None, :, None] < ROW)
-    off = (row * n + tok) * D + chan
-    byte_mask = (offs_t[:, None] < GROUP) & (offs_b[None, :] < ROW)
-    byte_off = (row * n + grp * GROUP + offs_t[:, None]) * ROW + offs_b[None, :]
-    if is_v == 0:
-        x = tl.load(k_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        real = mask
-        if HAS_LEAD:
-            real = mask & (start + tok >= tl.load(lead_ptr + row // Hg))
-        mn = tl.min(tl.where(real, x, float("inf")), 0)  # [BLOCK_B, PPB]: per channel over tokens
-        mx = tl.max(tl.where(real, x, float("-inf")), 0)
-        mn = tl.where(mn == float("inf"), 0.0, mn)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        cmask = offs_b[None, :, None] < ROW  # [1, BLOCK_B, PPB] after broadcasting with chan
-        mn = tl.where(cmask, mn[None], 0.0)
-        mx = tl.where(cmask, mx[None], 0.0)
-        code, scale, zero = _quant_codes(x, mn, mx, QMAX)
-        packed = tl.sum(code << (offs_j * BITS)[None, None, :], 2)
-        tl.store(kc_ptr + byte_off, packed.to(tl.uint8), mask=byte_mask)
-        sz_off = (row * (n // GROUP) + grp) * D + chan
-        tl.store(ks_ptr + sz_off, scale.to(tl.float16), mask=cmask & (chan < D))
-        tl.store(kz_ptr + sz_off, zero.to(tl.float16), mask=cmask & (chan < D))
+    if tl.program_id(2) == 0:
+        _quant_keys_tile(
+            k_ptr,
+            kc_ptr,
+            ks_ptr,
+            kz_ptr,
+            lead_ptr,
+            row,
+            grp,
+            n,
+            start,
+            Hg,
+            D,
+            BITS,
+            GROUP,
+            HAS_LEAD,
+            BLOCK_T,
+            BLOCK_B,
+        )
     else:
-        x = tl.load(v_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        mn = tl.zeros([BLOCK_T, BLOCK_B, PPB], tl.float32)
-        mx = tl.zeros([BLOCK_T, BLOCK_B, PPB], tl.float32)
-        for gi in tl.static_range(D // V_GROUP):
-            in_g = mask & (chan // V_GROUP == gi)
-            g_mn = tl.min(tl.min(tl.where(in_g, x, float("inf")), 2), 1)  # [BLOCK_T]: per token
-            g_mx = tl.max(tl.max(tl.where(in_g, x, float("-inf")), 2), 1)
-            mn = tl.where(in_g, g_mn[:, None, None], mn)
-            mx = tl.where(in_g, g_mx[:, None, None], mx)
-            g_scale = ((g_mx - g_mn) / QMAX).to(tl.float16)
-            sz_off = (row * n + grp * GROUP + offs_t) * (D // V_GROUP) + gi
-            tl.store(vs_ptr + sz_off, g_scale, mask=offs_t < GROUP)
-            tl.store(vz_ptr + sz_off, g_mn.to(tl.float16), mask=offs_t < GROUP)
-        code, scale, zero = _quant_codes(x, mn, mx, QMAX)
-        packed = tl.sum(code << (offs_j * BITS)[None, None, :], 2)
-        tl.store(vc_ptr + byte_off, packed.to(tl.uint8), mask=byte_mask)
+        _quant_values_tile(
+            v_ptr, vc_ptr, vs_ptr, vz_ptr, row, grp, n, D, BITS, GROUP, V_GROUP, BLOCK_T, BLOCK_B
+        )
 
 
-SOURCES = (_quant_codes, _quant_pack_kernel)
+SOURCES = (_quant_codes, _quant_keys_tile, _quant_values_tile, _quant_pack_kernel)
 
 
 def quantize_append(
