@@ -207,7 +207,8 @@ def render_placement(plan: Plan, view: View | None = None) -> str | None:
         f"  (of {fmt_bytes(g['capacity'])})",
         f"  host memory KV   {fmt_bytes(pl['host_kv_bytes'])} (node)",
     ]
-    lines += [f"  layer{'s' if len(lo) > 1 else ''} {_ranges(lo)}: {pat}" for lo, pat in where]
+    for lo, pat in where:
+        lines.append(f"  layer{'s' if len(lo) > 1 else ''} {_ranges(lo).replace('h', '')}: {pat}")
     lines.append(f"  why              {pl['binding']}")
     return "\n".join(lines)
 

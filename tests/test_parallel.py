@@ -37,7 +37,7 @@ L70 = dict(
 
 
 def llama70(context: int, **kw) -> ParallelProblem:
-    return ParallelProblem.uniform(head_bytes=512 * context, context=context, **H100, **L70, **kw)
+    return ParallelProblem.uniform(head_bytes=512 * context, context=context, **{**H100, **L70, **kw})
 
 
 def act(t: int, batch: int) -> int:
@@ -49,7 +49,7 @@ def act(t: int, batch: int) -> int:
 def test_min_tp_that_fits_70b_matches_hand_computation():
     reserve = int(0.05 * 80 * GiB)
     for context in (8192, 131072):
-        # per GPU, batch 1, all KV in HBM: weights/t + 80 layers * (8/t heads) * 512 B * context + act + reserve
+        # per GPU, batch 1, all KV in HBM: weights/t + 80 layers * (8/t heads) * 512 B * context + act + rsv
         need = {t: 141.2e9 / t + 80 * (8 // t) * 512 * context + act(t, 1) + reserve for t in (1, 2, 4, 8)}
         hand = min(t for t in (1, 2, 4, 8) if need[t] <= 80 * GiB)
         for gpus in (1, 2, 4, 8):
@@ -77,7 +77,8 @@ def test_max_batch_is_the_hbm_capacity():
     assert "HBM capacity" in sol.binding
     # tokens/s = batch / step, step = 80 * max(weights/4/80 + KV/80, compute) / bandwidth + all-reduces
     b = sol.batch
-    layer = max((141.2e9 / 4 / 80 + b * 2 * 512 * 8192) / 3.35e12, b * (2 * 70.6e9 / 4 / 80 + 4 * 16 * 128 * 8192) / 989.4e12)
+    hbm = (141.2e9 / 4 / 80 + b * 2 * 512 * 8192) / 3.35e12
+    layer = max(hbm, b * (2 * 70.6e9 / 4 / 80 + 4 * 16 * 128 * 8192) / 989.4e12)
     comm = 2 * 80 * (2 * 3 / 4 * b * 8192 * 2 / 450e9 + 3e-6)
     assert sol.step_time_s == pytest.approx(80 * layer + comm, rel=1e-6)
     assert sol.tokens_per_s == pytest.approx(b / (80 * layer + comm), rel=1e-6)
@@ -132,8 +133,9 @@ def _brute_force_ratio(p: ParallelProblem) -> float:
     for host in itertools.product((0, 1), repeat=len(units)):
         spill = {u for u, x in zip(units, host, strict=True) if x}
         for b in range(p.batch, p.max_batch + 1):
-            kv = sum(p.kv_bytes[la][h] for la in range(L) for h in range(H) if (la, p.groups[la][h]) not in spill)
-            hostb = sum(p.kv_bytes[la][h] for la in range(L) for h in range(H) if (la, p.groups[la][h]) in spill)
+            cells = [(la, h, (la, p.groups[la][h]) in spill) for la in range(L) for h in range(H)]
+            kv = sum(p.kv_bytes[la][h] for la, h, out in cells if not out)
+            hostb = sum(p.kv_bytes[la][h] for la, h, out in cells if out)
             if b * (kv + per_seq_act) > room or b * hostb > p.host_memory_bytes:
                 break
             step = 0.0
@@ -172,3 +174,40 @@ def test_bad_input_names_the_parameter():
         llama70(8192, gpus=8, batch=0)
     with pytest.raises(ValueError, match="kv_read_bytes"):
         llama70(8192, gpus=8, kv_read_bytes=((1,),))
+
+
+def test_place_pass_on_the_70b_meta_config_matches_the_solver():
+    from kvcompile.api import optimize
+    from kvcompile.passes.place import problem_for
+    from kvcompile.report import render_placement
+    from kvcompile.targets import load_target
+
+    plan = optimize("llama-3-70b", target="h100-sxm:8", context=131072, objective="max-throughput",
+                    progress=False)  # fmt: skip
+    pl = plan.placement
+    # the pass's problem is the uniform bf16 instance above (full heads of 512 B/token), MLP from the config
+    assert pl["assumptions"]["intermediate_size"] == 28672
+    direct = solve_parallel(llama70(131072, gpus=8, param_bytes=plan.model.param_bytes,
+                                    num_params=plan.model.num_params))  # fmt: skip
+    assert (pl["tp"], pl["batch"]) == (direct.tp, direct.batch) == (8, 11)
+    assert pl["tokens_per_s"] == pytest.approx(direct.tokens_per_s)
+    # ... and problem_for turns the plan's specs into exact per-head bytes and groups
+    from kvcompile import capture
+    from kvcompile.models import load
+
+    program = capture(load("llama-3-70b").model)
+    rows = [lp.heads for lp in plan.layers]
+    p = problem_for(program, load_target("h100-sxm:8"), context=131072, assignment=rows)
+    assert p.kv_bytes[0] == (512 * 131072,) * 8 and len(set(p.groups[0])) == 1
+    text = render_placement(plan)
+    assert "TP=8 of 8 GPUs" in text and "batch            11 sequences" in text and "HBM capacity" in text
+    assert "layers 0-79: hbm" in text
+
+
+def test_place_pass_is_inert_on_one_gpu_without_a_throughput_objective():
+    from kvcompile.api import optimize
+
+    plan = optimize("llama-3-8b", target="h100-sxm", context=8192, progress=False)
+    assert plan.placement is None
+    plan = optimize("llama-3-8b", target="h100-sxm", context=8192, objective="min-latency", progress=False)
+    assert plan.placement["tp"] == 1 and plan.placement["batch"] == 1
