@@ -117,7 +117,8 @@ def test_interpreter_torch_backend_runs_the_schedule_references():
 def test_plan_artifact_carries_verified_kernels(smol, tmp_path, monkeypatch):
     from kvcompile import plan as plan_mod
     from kvcompile.codegen.cache import KernelSourceError, clear_memory_cache
-    from kvcompile.runtime import mixed_plan
+    from kvcompile.runtime import make_cache, mixed_plan
+    from kvcompile.runtime.interpreter import _ATTACHED
 
     monkeypatch.setenv("KVCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
     clear_memory_cache()
@@ -140,7 +141,16 @@ def test_plan_artifact_carries_verified_kernels(smol, tmp_path, monkeypatch):
     bad[uri] = {**bad[uri], "source": bad[uri]["source"].replace("0.5", "0.4")}
     with pytest.raises(KernelSourceError, match=uri):
         load_plan_kernels(loaded.model_copy(update={"kernels": bad}))
-    clear_memory_cache()
+    # serving: a kernel-backend cache runs the plan's own (hash-checked) sources, and refuses edited ones
+    cache = make_cache(loaded, smol.model, backend="triton-interpret")
+    try:
+        interp = _ATTACHED[cache.layers[0]][0]
+        assert set(interp._kernels) == set(plan.kernels) and interp.schedule == lower(loaded)
+        with pytest.raises(KernelSourceError):
+            make_cache(loaded.model_copy(update={"kernels": bad}), smol.model, backend="triton-interpret")
+    finally:
+        smol.model.set_attn_implementation("sdpa")
+        clear_memory_cache()
 
 
 @pytest.mark.slow

@@ -64,6 +64,10 @@ def make_cache(plan: Plan, model: Any, *, backend: str = "torch", strict: bool =
             )
     cache = KVCompileCache(strategies, head_dim=geo.head_dim, gqa=geo.gqa, backend=backend, notes=notes)
     cache.previous_attn_implementation = previous
+    if backend != "torch" and plan.kernels:
+        from .interpreter import attach  # run the plan's own kernel sources, hash-checked (codegen issue)
+
+        attach(cache, plan=plan)
     return cache
 
 

@@ -292,17 +292,30 @@ def _layer_strategies(layer) -> list:
     return row
 
 
-def attach(cache: Any, *, validate: bool = False, backend: str | None = None, kernels=None) -> Interpreter:
+def attach(
+    cache: Any, *, validate: bool = False, backend: str | None = None, kernels=None, plan: Any = None
+) -> Interpreter:
     """Build one interpreter for every layer of a ``KVCompileCache`` (lowering its strategies).
 
-    ``backend`` defaults to the cache's; ``kernels`` (uri -> (entry, reduce)) e.g. from
-    ``codegen.lower.load_plan_kernels(plan)`` replaces freshly rendered ones.
+    ``backend`` defaults to the cache's. With ``plan`` (the plan the cache was made from), the schedule
+    is the plan's and the kernels are the sources it carries, hash-checked on load
+    (``codegen.lower.load_plan_kernels``; a mismatch raises ``KernelSourceError``), so serving runs
+    exactly what was compiled. ``kernels`` (uri -> (entry, reduce)) overrides individual kernels.
     """
-    from ..codegen.lower import lower_strategies
+    from ..codegen.lower import load_plan_kernels, lower, lower_strategies
+    from ..plan import PlanError
 
     layers = list(cache.layers)
-    sched = lower_strategies([_layer_strategies(la) for la in layers], head_dim=layers[0].head_dim,
-                             gqa=layers[0].gqa, dtype="float32")  # fmt: skip
+    rows = [_layer_strategies(la) for la in layers]
+    if plan is not None:
+        if plan.strategies() != rows:
+            raise PlanError("attach: the cache's strategies are not the plan's")
+        sched = lower(plan)
+        if plan.schedule is not None and Schedule.from_json(plan.schedule, sched.kernels) != sched:
+            raise PlanError("attach: the plan's schedule does not match its layers (stale or edited)")
+        kernels = {**load_plan_kernels(plan), **(kernels or {})}
+    else:
+        sched = lower_strategies(rows, head_dim=layers[0].head_dim, gqa=layers[0].gqa, dtype="float32")
     interp = Interpreter(sched, backend or cache.backend, validate=validate, kernels=kernels)
     for i, la in enumerate(layers):
         _ATTACHED[la] = (interp, i)

@@ -43,6 +43,8 @@ class Instr:
             raise ValueError(f"op={self.op!r} not allowed; choose one of {list(OPS)}")
         if self.phase not in PHASES:
             raise ValueError(f"phase={self.phase!r} not allowed; choose one of {list(PHASES)}")
+        # canonical order, so an instruction equals itself after a JSON round trip (sorted keys)
+        object.__setattr__(self, "args", tuple(sorted(self.args, key=lambda kv: kv[0])))
 
     def arg(self, name: str, default: Any = None) -> Any:
         return dict(self.args).get(name, default)
