@@ -196,3 +196,15 @@ def test_emit_code_pass_puts_schedule_and_kernels_in_facts():
     assert set(out.facts["kernels"]) == {i.kernel_uri for i in sched.instrs if i.kernel_uri}
     with pytest.raises(ValueError, match="assignment"):
         emit_code(Program(model, sites), None)
+
+
+def test_kernel_backend_without_attach_lowers_each_layer_lazily():
+    ref_layer = KVCompileLayer(0, MIXED[1], 64, 3, backend="torch")
+    fast = KVCompileLayer(0, MIXED[1], 64, 3, backend="triton-interpret")
+    ref_out, fast_out = _drive([ref_layer, fast], steps=3, seed=2)
+    for a, b in zip(ref_out, fast_out, strict=True):
+        torch.testing.assert_close(b, a, atol=5e-5, rtol=5e-5)
+    from kvcompile.runtime.interpreter import _ATTACHED
+
+    interp, idx = _ATTACHED[fast]
+    assert idx == 0 and interp.counts["attend_decode"] == 3 and interp.counts["attend_ref"] == 3 + 3
