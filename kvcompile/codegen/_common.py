@@ -26,15 +26,12 @@ FORMAT_IDS = {"full": FMT_FULL, "fp8": FMT_FP8, "compact": FMT_COMPACT, "quant":
 
 @triton.jit
 def _e4m3_to_f32(bits):
-    """Decode float8 e4m3fn bit patterns (uint8) to float32: ``(-1)^s 2^(e-7) (1 + m/8)``, subnormal
-    ``(-1)^s 2^-6 m/8`` when ``e == 0``, NaN for ``e == 15, m == 7`` (no infinities in e4m3fn)."""
-    b = bits.to(tl.int32)
-    e = (b >> 3) & 15
-    mant = (b & 7).to(tl.float32)
-    normal = (1.0 + mant * 0.125) * tl.exp2((e - 7).to(tl.float32))
-    val = tl.where(e == 0, mant * 0.001953125, normal)  # 0.125 * 2^-6
-    val = tl.where((e == 15) & ((b & 7) == 7), float("nan"), val)
-    return tl.where((b & 128) != 0, -val, val)
+    """float8 e4m3fn bit patterns (uint8) to float32: ``(-1)^s 2^(e-7) (1 + m/8)``, subnormal ``2^-6 m/8``.
+
+    Uses the hardware conversion (``cvt`` on sm_89+, emulated by Triton before). The NaN patterns
+    0x7F/0xFF are never stored (the fp8 store saturates to +-448); the CPU interpreter decodes them as
+    +-480, every other pattern exactly."""
+    return bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
 
 @triton.jit
