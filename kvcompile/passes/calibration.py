@@ -1,24 +1,23 @@
 """Calibration: how much each candidate strategy damages each KV head, measured on the real model.
 
-For every (layer, KV head, candidate) the pass estimates
+For every (layer, KV head, candidate) the pass estimates the increase of the model's loss on the
+scored tokens of each calibration sample (the pass-key digits of retrieval samples, the last tokens
+of prose samples) when only that head's cache is the candidate's store:
 
-    damage[l, h, c] = sensitivity[l] / Hk * err2[l, h, c]
+    damage[l, h, c] = 1/2 * sum_{t, q in group(h)} ||g[l, q, t]||^2 * ||delta[l, q, t, c]||^2 / D
 
-* ``err2``: relative squared error of the head's attention output over the observation queries when
-  only that head's cache is the candidate's store (question-agnostic: the sample's context is
-  ``attend``-ed and ``append``-ed into the candidate's own ``Store`` first, then the observation
-  queries — the question and answer prefix, or the last prose tokens — attend over the compressed
-  context plus themselves): ``||o_t - r_t||^2 / ||r_t||^2`` against full attention ``r``
-  (``reference_attention``), averaged over the head's G query heads and over positions with the final
-  position (the answer query) weighted ``LAST_WEIGHT``; the worst case over samples is kept, so a head
-  one retrieval sample needs stays protected. All KV heads of a layer share one store per candidate:
-  stores treat heads independently.
-* ``sensitivity[l]``: KL(full || perturbed) of the next-token distributions at the observation
-  positions (same position weighting, mean over samples) when layer ``l``'s attention output gets
-  Gaussian noise of relative norm ``eps`` per (token, head), divided by ``eps^2``. The observation
-  tokens are re-run on top of the cached context (``DynamicCache.crop``), so each layer costs only a
-  short forward. With this weight the damage is a first-order estimate of the KL the head adds to
-  the final logits (nats).
+* ``delta``: the error of the attention output of query head ``q`` at observation position ``t``
+  (question-agnostic: the sample's context is ``attend``-ed and ``append``-ed into the candidate's own
+  ``Store`` first, then the observation queries — the question, answer prefix and answer, or the last
+  prose tokens — attend over the compressed context plus themselves), against full attention
+  (``reference_attention``). All KV heads of a layer share one store per candidate (stores treat heads
+  independently).
+* ``g``: the gradient of the summed NLL of the scored tokens with respect to that attention output
+  (one backward pass per sample over the observation tokens, on top of the cached context). The
+  product is the diagonal empirical-Fisher estimate of the loss increase (nats) for an error of that
+  size; it is large exactly where the answer depends on the head (retrieval heads) and small where it
+  does not, whatever the error. Damages are averaged over samples. ``sensitivity[l]`` (reported) is
+  the same with ``delta`` replaced by the output itself.
 
 q/k/v (post-RoPE) are recorded through a registered attention function
 (``AttentionInterface.register("kvcompile_calibrate", ...)`` + ``model.set_attn_implementation``, the
@@ -58,11 +57,10 @@ from .calibration_set import CalibrationSample, build_sample, load_set
 
 log = logging.getLogger("kvcompile.passes.calibrate")
 
-CALIB_VERSION = 2
+CALIB_VERSION = 3
 LAST_WEIGHT = 0.5  # share of the final observation position (the answer query) in every average
 ATTN_NAME = "kvcompile_calibrate"
 TOKEN_FIELDS = ("window", "budget", "recent", "decode_window")
-DEFAULT_EPS = 0.05
 
 
 # ---- capture through a registered attention function ---------------------------------------------
@@ -72,9 +70,7 @@ class _Probe:
 
     record: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
     scale: dict[int, float] = dataclasses.field(default_factory=dict)
-    perturb_layer: int | None = None
-    eps: float = DEFAULT_EPS
-    seed: int = 0
+    outs: dict[int, torch.Tensor] | None = None  # attention outputs kept for the gradient (Fisher) pass
 
 
 _PROBE: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("kvcompile_probe", default=None)
@@ -92,11 +88,8 @@ def _calibrate_attention(module, query, key, value, attention_mask, **kwargs):
         # the cache hands back every key so far; the new tokens are the last t
         probe.record.setdefault(layer, []).append((query, key[:, :, -t:], value[:, :, -t:]))
         probe.scale[layer] = float(kwargs.get("scaling") or query.shape[-1] ** -0.5)
-    if probe.perturb_layer == layer:
-        gen = torch.Generator(device="cpu").manual_seed(probe.seed * 1000 + layer)
-        noise = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out)
-        rel = probe.eps * out.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        out = out + noise * rel  # out: [B, T, H, D]; relative norm eps per (token, head)
+    if probe.outs is not None:
+        probe.outs[layer] = out
     return out, weights
 
 
@@ -125,9 +118,10 @@ def probing(model: Any, probe: _Probe):
 # ---- damage of one candidate on one layer ------------------------------------------------------
 def head_errors(
     strategy: Strategy, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float,
-    ref: torch.Tensor | None = None,
+    ref: torch.Tensor | None = None, absolute: bool = False,
 ) -> torch.Tensor:
-    """Relative squared attention-output error per KV head, ``[Hk]`` (module docstring).
+    """Relative squared attention-output error per KV head, ``[Hk]`` (module docstring); with
+    ``absolute=True`` the squared error per query head and observation position, ``[Hq, t]``.
 
     q: [1, Hq, N, D]; k, v: [1, Hk, N, D]; the first ``context_len`` tokens go through the store.
     """
@@ -147,6 +141,8 @@ def head_errors(
     valid_o = torch.ones(1, t, dtype=torch.bool, device=q.device)
     out = store.attend(q[:, :, o], k[:, :, o], v[:, :, o], valid_o, scale).float()
     rf = ref.float()
+    if absolute:
+        return (out - rf).pow(2).sum(-1)[0]
     err = (out - rf).pow(2).sum(-1) / rf.pow(2).sum(-1).clamp_min(1e-20)  # [1, Hq, t]
     return position_average(err.view(hk, g, t)).mean(-1)
 
@@ -223,54 +219,57 @@ def calibration_twins(cands: list[Strategy], context: int, tokens: int) -> list[
 
 
 # ---- one calibration sample -------------------------------------------------------------------
-@torch.no_grad()
 def _run_sample(
-    model: Any, sample: CalibrationSample, cands: list[Strategy], eps: float, seed: int, bar: Any
+    model: Any, sample: CalibrationSample, cands: list[Strategy], bar: Any
 ) -> tuple[list[list[list[float]]], list[float]]:
-    """(err2[l][h][c], sensitivity[l]) on one sample."""
+    """(damage[l][h][c], sensitivity[l]) on one sample (Fisher-weighted squared error, module docstring)."""
     from transformers import DynamicCache
 
     ids = torch.tensor([sample.ids], dtype=torch.long)
-    ctx_len = sample.context_len
+    ctx_len, n = sample.context_len, len(sample.ids)
     cache = DynamicCache(config=model.config)
-    probe = _Probe(record={}, eps=eps, seed=seed)
+    probe = _Probe(record={})
     with probing(model, probe):
-        model(ids[:, :ctx_len], past_key_values=cache, use_cache=True)
-        base = model(ids[:, ctx_len:], past_key_values=cache, use_cache=True).logits[0].float()
-        record, probe.record = probe.record, None
-        base_lp = torch.log_softmax(base, -1)
-        sens = []
-        for layer in range(len(record)):
-            extra = cache.get_seq_length() - ctx_len
-            if extra > 0:
-                cache.crop(-extra)  # transformers 5: a negative count removes that many tokens
-            probe.perturb_layer = layer
+        with torch.no_grad():
+            model(ids[:, :ctx_len], past_key_values=cache, use_cache=True)
+        probe.outs = {}
+        with torch.enable_grad():
             logits = model(ids[:, ctx_len:], past_key_values=cache, use_cache=True).logits[0].float()
-            lp = torch.log_softmax(logits, -1)
-            kl = position_average((base_lp.exp() * (base_lp - lp)).sum(-1)).item()
-            sens.append(max(kl, 0.0) / eps**2)
-        probe.perturb_layer = None
+            # positions t >= answer_start - 1 predict the scored tokens (the key digits / the prose)
+            first = sample.answer_start - 1 - ctx_len
+            tgt = ids[0, sample.answer_start: n]
+            loss = torch.nn.functional.cross_entropy(logits[first: n - 1 - ctx_len], tgt, reduction="sum")
+            layers = sorted(probe.outs)
+            grads = torch.autograd.grad(loss, [probe.outs[i] for i in layers])
+        g2 = {i: g[0].float().pow(2).sum(-1).transpose(0, 1) for i, g in zip(layers, grads, strict=True)}
+        record, probe.record, probe.outs = probe.record, None, None
     dtype = next(model.parameters()).dtype
-    err2 = []
-    for layer in range(len(record)):
-        q, k, v = (torch.cat([r[i] for r in record[layer]], dim=2).float() for i in range(3))
-        scale = probe.scale[layer]
-        ref = reference_attention(q[:, :, ctx_len:], k, v, None, scale, causal_new=q.shape[2] - ctx_len)[0]
-        per_cand = []
-        for s in cands:
-            if lossless(s, dtype):
-                per_cand.append(torch.zeros(k.shape[1]))
-            else:
-                per_cand.append(head_errors(s, q, k, v, ctx_len, scale, ref))
-        err2.append(torch.stack(per_cand, dim=1).tolist())  # [Hk][C]
-        del record[layer]
-        bar.update(1)
-    return err2, sens
+    damage, sens = [], []
+    with torch.no_grad():
+        for layer in range(len(record)):
+            q, k, v = (torch.cat([r[i] for r in record[layer]], dim=2).float() for i in range(3))
+            hq, hk, d = q.shape[1], k.shape[1], q.shape[-1]
+            scale = probe.scale[layer]
+            t = q.shape[2] - ctx_len
+            ref = reference_attention(q[:, :, ctx_len:], k, v, None, scale, causal_new=t)[0]
+            w = g2[layer]  # [Hq, t]: ||dLoss/d o||^2 per query head and position
+            sens.append(float((w * ref[0].float().pow(2).sum(-1)).sum() / d))
+            per_cand = []
+            for s in cands:
+                if lossless(s, dtype):
+                    per_cand.append(torch.zeros(hk))
+                    continue
+                sq = head_errors(s, q, k, v, ctx_len, scale, ref, absolute=True)  # [Hq, t]
+                # E[dNLL] ~ 1/2 * sum_t ||g_t||^2 ||delta_t||^2 / D  (diagonal empirical Fisher)
+                per_cand.append((0.5 * w * sq / d).view(hk, hq // hk, t).sum((1, 2)))
+            damage.append(torch.stack(per_cand, dim=1).tolist())  # [Hk][C]
+            del record[layer]
+            bar.update(1)
+    return damage, sens
 
 
-def calibration_key(fingerprint: str, digest: str, specs: list[dict[str, Any]], eps: float) -> str:
-    body = json.dumps({"v": CALIB_VERSION, "fp": fingerprint, "set": digest, "cands": specs, "eps": eps},
-                      sort_keys=True)
+def calibration_key(fingerprint: str, digest: str, specs: list[dict[str, Any]]) -> str:
+    body = json.dumps({"v": CALIB_VERSION, "fp": fingerprint, "set": digest, "cands": specs}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:24]
 
 
@@ -284,7 +283,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def run_calibration(
     model: Any, tokenizer: Any, cands: list[Strategy], *, context: int, calibration: str | None = None,
-    eps: float = DEFAULT_EPS, progress: bool = True, cache: bool = True,
+    progress: bool = True, cache: bool = True,
 ) -> dict[str, Any]:
     """Measure ``err2`` and ``sensitivity`` for ``cands`` (defined at ``context``) on the real model.
 
@@ -298,7 +297,7 @@ def run_calibration(
     cset = load_set(calibration)
     scaled = calibration_twins(cands, context, cset.tokens)
     specs = [s.to_spec() for s in scaled]
-    key = calibration_key(fingerprint(model), cset.digest, specs, eps)
+    key = calibration_key(fingerprint(model), cset.digest, specs)
     path = cache_dir() / "calibration" / f"{key}.json"
     if cache and path.is_file():
         try:
@@ -316,11 +315,10 @@ def run_calibration(
     bar = tqdm(total=len(samples) * n_layers, desc="calibrate", unit="layer", disable=not progress,
                leave=False)
     try:
-        for i, sample in enumerate(samples):
-            e2, sens = _run_sample(model, sample, scaled, eps, i, bar)
-            # worst case over samples: a head a single retrieval sample needs must stay protected
+        for sample in samples:
+            e2, sens = _run_sample(model, sample, scaled, bar)
             err_sum = e2 if err_sum is None else [
-                [[max(a, b) for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(la, lb, strict=True)]
+                [[a + b for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(la, lb, strict=True)]
                 for la, lb in zip(err_sum, e2, strict=True)
             ]
             sens_sum = [a + b for a, b in zip(sens_sum, sens, strict=True)]
@@ -334,9 +332,8 @@ def run_calibration(
         "calibration_digest": cset.digest,
         "samples": n,
         "tokens": cset.tokens,
-        "eps": eps,
         "specs": specs,
-        "err2": err_sum or [],
+        "damage": [[[x / n for x in row] for row in layer] for layer in err_sum or []],
         "sensitivity": [s / n for s in sens_sum],
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -411,14 +408,11 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
         return program.with_facts(damage=damage, notes=notes)
     data = run_calibration(
         model, ctx.tokenizer, cands, context=context, calibration=ctx.config.calibration,
-        eps=float(ctx.options.get("calibration_eps", DEFAULT_EPS)), progress=ctx.progress,
+        progress=ctx.progress,
         cache=bool(ctx.options.get("calibration_cache", True)),
     )
     sens = data["sensitivity"]
-    values = [
-        [[sens[s.layer] / s.num_kv_heads * e for e in row] for row in data["err2"][s.layer]]
-        for s in program.sites
-    ]
+    values = data["damage"]
     bad = [(i, j) for i, layer in enumerate(values) for j, row in enumerate(layer)
            if not all(map(math.isfinite, row))]
     if bad:
@@ -428,7 +422,7 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
     notes.append(f"damage calibrated on {data['samples']} x {data['tokens']}-token samples of "
                  f"{data['calibration']!r}; units: predicted KL contribution (nats)")
     damage = {
-        "source": "calibration", "values": values, "layer_weight": sens, "err2": data["err2"],
+        "source": "calibration", "values": values, "layer_weight": sens,
         "key": data["key"], "cache_hit": data["cache_hit"], "seconds": data["seconds"],
         "calibration": data["calibration"], "tokens": data["tokens"], "samples": data["samples"],
     }

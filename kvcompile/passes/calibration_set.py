@@ -2,9 +2,9 @@
 
 A set names a text file, a sample length in tokens, an observation window and a list of samples:
 
-* ``passkey``: chat-framed filler prose with a 5-digit pass key at ``depth``, then the question and the
-  assistant's answer prefix. The prefix up to the question is the compressible *context*; the question
-  and answer prefix are the observation queries (question-agnostic: they arrive after compression).
+* ``passkey``: chat-framed filler prose with a 5-digit pass key at ``depth``, then the question, the
+  assistant's answer prefix and the answer (scored). The prefix up to the question is the compressible
+  *context*; the rest are the observation queries (question-agnostic: they arrive after compression).
 * ``prose``: running prose; the last ``obs_window`` tokens are the observation queries.
 
 Everything is deterministic for a given tokenizer: filler offsets and keys come from
@@ -35,12 +35,15 @@ ANSWER_PREFIX = "The pass key is"
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationSample:
-    """``ids``: token ids; ``ids[:context_len]`` is compressed first; ``answer``: the key or ``""``."""
+    """``ids``: token ids; ``ids[:context_len]`` is compressed first; ``ids[answer_start:]`` are the
+    scored tokens (the key's digits after the answer prefix, or the prose continuation); ``answer``:
+    the key or ``""``. A model is prompted with ``ids[:answer_start]``."""
 
     kind: str
     ids: tuple[int, ...]
     context_len: int
     answer: str
+    answer_start: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +124,8 @@ def build_sample(tokenizer: Any, cset: CalibrationSet, item: dict[str, Any], tok
     rng = random.Random(int(item["seed"]))
     if item["kind"] == "prose":
         ids = _filler(tokenizer, cset.text, n, rng)
-        return CalibrationSample("prose", tuple(ids), n - min(cset.obs_window, n // 4), "")
+        ctx = n - min(cset.obs_window, n // 4)
+        return CalibrationSample("prose", tuple(ids), ctx, "", ctx + 1)
     if item["kind"] != "passkey":
         raise ValueError(f"calibration sample kind {item['kind']!r} unknown (passkey or prose)")
     key = f"{rng.randrange(10000, 100000)}"
@@ -129,10 +133,12 @@ def build_sample(tokenizer: Any, cset: CalibrationSet, item: dict[str, Any], tok
     head = _encode(tokenizer, before + INTRO)
     needle = _encode(tokenizer, NEEDLE.format(key=key))
     tail = _encode(tokenizer, QUESTION) + _encode(tokenizer, after + ANSWER_PREFIX)
-    room = n - len(head) - len(needle) - len(tail)
+    digits = _encode(tokenizer, f" {key}.")
+    room = n - len(head) - len(needle) - len(tail) - len(digits)
     if room < 32:
         raise ValueError(f"calibration tokens={n} too short for the passkey frame")
     filler = _filler(tokenizer, cset.text, room, rng)
     cut = int(float(item.get("depth", 0.5)) * room)
     context = head + filler[:cut] + needle + filler[cut:]
-    return CalibrationSample("passkey", tuple(context + tail), len(context), key)
+    prompt = context + tail
+    return CalibrationSample("passkey", tuple(prompt + digits), len(context), key, len(prompt))

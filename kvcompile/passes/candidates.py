@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ..ir import Program
-from ..strategies import Full, Strategy, default_instances, from_spec
+from ..strategies import REGISTRY, Full, Quant, SinkWindow, SnapKV, Strategy, default_instances, from_spec
 from ..targets import Target
 from . import PassContext
 
@@ -49,6 +49,14 @@ def planner_grid(context: int) -> list[Strategy]:
             if mikv > 1:
                 continue
         out.append(s)
+    # int8 copies of the kept tokens (near lossless, KIVI) double what a selection keeps at equal bytes
+    comp = REGISTRY.get("compose")
+    if comp is not None:
+        for frac in (0.25, 0.125):
+            n = max(8, int(context * frac))
+            obs = min(32, n // 4)
+            out.append(comp(select=SnapKV(budget=n - obs, obs_window=obs), quant=Quant(bits=8)))
+            out.append(comp(select=SinkWindow(sinks=4, window=n - 4), quant=Quant(bits=8)))
     return out
 
 

@@ -49,7 +49,7 @@ def _plan_cache(model: Any, assignment, context: int):
 
 @torch.no_grad()
 def _passkey(model: Any, tok: Any, s: CalibrationSample, cache: Any) -> bool:
-    ids = torch.tensor([s.ids], dtype=torch.long)
+    ids = torch.tensor([s.ids[: s.answer_start]], dtype=torch.long)
     if cache is not None:
         model(ids[:, : s.context_len], past_key_values=cache, use_cache=True)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8,
