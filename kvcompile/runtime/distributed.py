@@ -190,20 +190,22 @@ def make_rank_cache(
     ``"kvcompile"``.
     """
     rank, world = _rank_world(rank, world)
-    strategies, _notes = check_plan(plan, model)
+    check_plan(plan, model)  # the whole plan against the (unsharded) config; raises PlanError
     cfg = model.config
     q_heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     if q_heads % world:
         raise PlanError(f"world={world}: {q_heads} query heads do not split evenly")
     mine = rank_heads(kv_heads, world)[rank]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
-    sub = [[row[h] for h in mine] for row in strategies]
+    shard = shard_plan(plan, rank, world)
+    sub = shard.strategies()
     register()
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     hosted = host_heads(plan)
     cls = TieredCache if hosted else KVCompileCache
     cache = cls(sub, head_dim=head_dim, gqa=q_heads // kv_heads, backend=backend)
+    cache.plan_shard = shard  # the rank's sub-plan: shard.predicted_kv_bytes(n) == cache.nbytes()
     if hosted:
         pool = torch.device(host_device or "cpu")
         for i, layer in enumerate(cache.layers):
