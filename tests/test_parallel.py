@@ -149,7 +149,8 @@ def _brute_force_ratio(p: ParallelProblem) -> float:
     return best
 
 
-def test_max_throughput_matches_brute_force_on_a_toy_instance():
+@pytest.mark.parametrize("link", [2.5e8, 5e7, 2e9])
+def test_max_throughput_matches_brute_force_on_a_toy_instance(link):
     # 3 layers x 2 KV heads in two formats; memory for ~5 sequences in HBM, a slow-ish host link, so
     # spilling a cheap group can buy batch and the optimum is not obvious
     p = ParallelProblem(
@@ -157,13 +158,14 @@ def test_max_throughput_matches_brute_force_on_a_toy_instance():
         groups=(("a", "b"), ("a", "b"), ("a", "b")),
         num_q_heads=2, head_dim=8, hidden_size=16, intermediate_size=32, vocab_size=10, num_params=2000,
         param_bytes=40_000, context=100, gpus=1, memory_bytes=140_000, memory_bandwidth=1e9, flops=1e15,
-        host_link_bandwidth=2.5e8, interconnect_bandwidth=1e9, interconnect_latency_s=0.0, act_bytes=1,
+        host_link_bandwidth=link, interconnect_bandwidth=1e9, interconnect_latency_s=0.0, act_bytes=1,
         max_batch=14, reserve_fraction=0.0, prefill_chunk=1, host_memory_bytes=60_000,
     )  # fmt: skip
     sol = solve_parallel(p)
     assert sol.tokens_per_s == pytest.approx(_brute_force_ratio(p), rel=1e-6)
     assert sol.status == "OPTIMAL"
-    assert sol.host_kv_bytes > 0  # the toy is built so that spilling pays
+    if link == 2.5e8:
+        assert sol.host_kv_bytes > 0  # the toy is built so that spilling pays at this link speed
     assert solve_parallel(p).to_facts() == sol.to_facts()  # deterministic
 
 
