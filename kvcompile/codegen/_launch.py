@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -23,6 +24,11 @@ class DecodeSettings:
     num_warps: int
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def decode_settings(
     tokens: int, head_dim: int, gqa: int, programs: int, device: torch.device, num_splits: int | None = None
 ) -> DecodeSettings:
@@ -35,11 +41,13 @@ def decode_settings(
     block_n = (64 if head_dim <= 128 else 32) if on_gpu else 32
     if num_splits is None:
         if on_gpu:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
             want = triton.cdiv(2 * sms, max(programs, 1))
             num_splits = max(1, min(want, tokens // (4 * block_n), 64))
         else:
             num_splits = max(1, min(4, tokens // 512))
+        # a power of two: NUM_SPLITS is a constexpr, so a growing context recompiles at most log2 times
+        num_splits = 1 << (num_splits.bit_length() - 1)
     if num_splits < 1:
         raise ValueError(f"num_splits={num_splits} must be >= 1")
     return DecodeSettings(block_g, block_n, block_d, num_splits, 4 if block_d <= 64 else 8)
