@@ -28,6 +28,7 @@ from pathlib import Path
 from kvcompile import capture
 from kvcompile.api import optimize
 from kvcompile.models import load
+from kvcompile.passes import PassError
 from kvcompile.passes.place import problem_for
 from kvcompile.solve.parallel import ParallelInfeasible, solve_parallel
 from kvcompile.targets import load_target
@@ -66,13 +67,17 @@ def run(models=MODELS, targets=TARGETS, contexts=CONTEXTS) -> dict:
             target = load_target(spec)
             for context in contexts:
                 t0 = time.perf_counter()
-                plan = optimize(name, target=spec, context=context, kv_budget=BUDGET,
-                                objective="max-throughput", progress=False)  # fmt: skip
-                cells = {"kvcompile": summarize(plan.placement)}
-                kinds = sorted({json.dumps(h, sort_keys=True) for lp in plan.layers for h in lp.heads})
-                cells["kvcompile"]["kv_ratio_vs_fp16"] = round(
-                    plan.predicted_kv_bytes(context) / plan.full_kv_bytes(context, dtype="bfloat16"), 4)
-                cells["kvcompile"]["strategies"] = kinds
+                try:
+                    plan = optimize(name, target=spec, context=context, kv_budget=BUDGET,
+                                    objective="max-throughput", progress=False)  # fmt: skip
+                except PassError as e:  # place_kv: nothing fits (e.g. 70B weights on one GPU)
+                    cells = {"kvcompile": summarize(None, str(e.__cause__ or e))}
+                else:
+                    cells = {"kvcompile": summarize(plan.placement)}
+                    kinds = sorted({json.dumps(h, sort_keys=True) for lp in plan.layers for h in lp.heads})
+                    cells["kvcompile"]["kv_ratio_vs_fp16"] = round(
+                        plan.predicted_kv_bytes(context) / plan.full_kv_bytes(context, dtype="bfloat16"), 4)
+                    cells["kvcompile"]["strategies"] = kinds
                 for label, spec_ in BASELINES.items():
                     rows_ = [[spec_] * s.num_kv_heads for s in program.sites]
                     try:
