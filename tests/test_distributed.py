@@ -118,3 +118,22 @@ def test_torchrun_three_ranks_match_single_process(smol, tmp_path):
     assert len({rep["cache_nbytes"] for rep in reports}) == 3  # full > 8-bit > 4-bit
     # host tier on ranks: rank 0 has layers 1 and 4, rank 1 layer 1, rank 2 layers 1 and 7
     assert all(rep["bytes_moved"]["to_device"] > 0 for rep in reports)
+
+
+@pytest.mark.gpu
+def test_host_tier_on_cuda_keeps_host_groups_in_cpu_memory():
+    from kvcompile.models import load
+
+    loaded = load("smollm2-135m")
+    model, tok = loaded.model.to("cuda"), loaded.tokenizer
+    plan = with_placement(mixed_plan(model, MIXED, context=512), HOST)
+    ids = prompt_ids(tok).to("cuda")
+    ref = generate(model, tok, make_cache(plan, model), ids)
+    cache = make_rank_cache(plan, model, rank=0, world=1, host_device="cpu")
+    assert generate(model, tok, cache, ids) == ref
+    cache.evict_staged()
+    for la, layer in enumerate(cache.layers):
+        for i, store in enumerate(layer.stores):
+            want = "cpu" if la in HOST and i in getattr(layer, "host_groups", ()) else "cuda"
+            assert {t.device.type for t in store.tensors().values()} == {want}, (la, i)
+    assert cache.bytes_moved()["to_device"] > 0
