@@ -41,7 +41,7 @@ _SOURCES = {
     "decode_fp8": _common.COMMON_SOURCES + decode_compact.SOURCES,
     "decode_compact": _common.COMMON_SOURCES + decode_compact.SOURCES,
     "decode_quant": _common.COMMON_SOURCES + _DENSE + decode_quant.SOURCES,
-    "decode_mixed": _common.COMMON_SOURCES + _DENSE + (decode_quant._quant_tokens,) + decode_mixed.SOURCES,
+    "decode_mixed": _common.COMMON_SOURCES + _DENSE + decode_quant.SOURCES[:2] + decode_mixed.SOURCES,
     "quant_append": quant_append.SOURCES,
 }
 _ENTRY = {

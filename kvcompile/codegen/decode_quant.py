@@ -35,6 +35,19 @@ BITS_ALLOWED = (8, 4, 2)
 
 
 @triton.jit
+def _unpack(b, BITS: tl.constexpr):
+    """Packed bytes [R, C] -> codes [R, C * 8/BITS]: channel ``i*ppb + j`` = ``(b[:, i] >> BITS*j) & mask``
+    (``tl.interleave`` of the shifted fields keeps that channel order)."""
+    if BITS == 8:
+        res = b
+    elif BITS == 4:
+        res = tl.interleave(b & 15, b >> 4)
+    else:
+        res = tl.interleave(tl.interleave(b & 3, (b >> 4) & 3), tl.interleave((b >> 2) & 3, b >> 6))
+    return res
+
+
+@triton.jit
 def _quant_tokens(
     q,
     m,
@@ -60,22 +73,26 @@ def _quant_tokens(
 ):
     """Fold quantized keys ``lo .. hi-1`` of row ``base`` into (m, lsum, acc): for channel d of token n,
     ``k = ((byte[n, d // ppb] >> bits*(d % ppb)) & (2^bits-1)) * ks[n // GROUP, d] + kz[n // GROUP, d]``,
-    ``v = code * vs[n, d // V_GROUP] + vz[n, d // V_GROUP]``; keys with ``n < lead`` are masked."""
+    ``v = code * vs[n, d // V_GROUP] + vz[n, d // V_GROUP]``; keys with ``n < lead`` are masked.
+    Code bytes are read once, contiguously ([BLOCK_N, BLOCK_D / ppb] tiles), and unpacked in registers."""
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    byte = offs_d // (8 // BITS)
-    shift = (offs_d % (8 // BITS)) * BITS
+    offs_b = tl.arange(0, BLOCK_D // (8 // BITS))
     row_bytes = D * BITS // 8
+    bmask = offs_b < row_bytes
     n_groups = Nq // GROUP
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nmask = offs_n < hi
         mask2 = nmask[:, None] & dmask[None, :]
-        code_off = (base * Nq + offs_n[:, None]) * row_bytes + byte[None, :]
-        kb = tl.load(kc_ptr + code_off, mask=mask2, other=0).to(tl.int32)
-        vb = tl.load(vc_ptr + code_off, mask=mask2, other=0).to(tl.int32)
-        kcode = ((kb >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        vcode = ((vb >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        code_off = (base * Nq + offs_n[:, None]) * row_bytes + offs_b[None, :]
+        bytes_mask = nmask[:, None] & bmask[None, :]
+        kcode = _unpack(tl.load(kc_ptr + code_off, mask=bytes_mask, other=0).to(tl.int32), BITS).to(
+            tl.float32
+        )
+        vcode = _unpack(tl.load(vc_ptr + code_off, mask=bytes_mask, other=0).to(tl.int32), BITS).to(
+            tl.float32
+        )
         ks_off = (base * n_groups + offs_n[:, None] // GROUP) * D + offs_d[None, :]
         k = kcode * tl.load(ks_ptr + ks_off, mask=mask2, other=0).to(tl.float32) + tl.load(
             kz_ptr + ks_off, mask=mask2, other=0
@@ -190,7 +207,7 @@ def _decode_quant_kernel(
     _finish(m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hg, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS)
 
 
-SOURCES = (_quant_tokens, _decode_quant_kernel)
+SOURCES = (_unpack, _quant_tokens, _decode_quant_kernel)
 
 
 def check_quant_layout(
