@@ -1,7 +1,7 @@
 """TP degree, KV placement, max batch and predicted tokens/s for Llama-3-8B / 70B on H100 nodes and an L4.
 
 For every (model, target, context) the same solver (``kvcompile.solve.parallel``, objective
-``max-throughput``) is run on three caches:
+``max-throughput`` over the whole node: ``gpus // TP`` data-parallel replicas) is run on three caches:
 
 * ``kvcompile``: the per-head plan the planner compiles at a KV budget of 25 % of full bf16 bytes
   (``optimize(..., kv_budget=0.25)``; meta configs have no weights, so its damage model is the
@@ -49,8 +49,9 @@ def summarize(pl: dict | None, error: str | None = None) -> dict:
     return {
         "fits": True,
         "tp": pl["tp"],
+        "replicas": pl.get("replicas", 1),
         "batch": pl["batch"],
-        "tokens_per_s": round(pl["tokens_per_s"], 1),
+        "tokens_per_s": round(pl.get("node_tokens_per_s", pl["tokens_per_s"]), 1),  # per node
         "step_ms": round(pl["step_time_s"] * 1e3, 3),
         "placement": f"host: {len(host)} layers" if host else "all HBM",
         "host_kv_bytes": pl["host_kv_bytes"],
@@ -104,14 +105,15 @@ def run(models=MODELS, targets=TARGETS, contexts=CONTEXTS) -> dict:
 
 def markdown(result: dict) -> str:
     """One line per (model, target, context): TP / placement / batch / tokens/s for each cache."""
-    head = "| model | target | context | " + " | ".join(
-        f"{c} TP, placement, batch, tok/s" for c in ("kvcompile", "fp16", "fp8")) + " |"  # fmt: skip
+    cols = (f"{c}: TP(xDP), placement, batch/replica, node tok/s" for c in ("kvcompile", "fp16", "fp8"))
+    head = "| model | target | context | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * 6]
     for r in result["rows"]:
         cells = []
         for c in ("kvcompile", "fp16", "fp8"):
             x = r[c]
-            cells.append(f"TP{x['tp']}, {x['placement']}, {x['batch']}, {x['tokens_per_s']:.0f}"
+            dp = f"x{x['replicas']}" if x.get("replicas", 1) > 1 else ""
+            cells.append(f"TP{x['tp']}{dp}, {x['placement']}, {x['batch']}, {x['tokens_per_s']:.0f}"
                          if x["fits"] else "does not fit")  # fmt: skip
         where = f"| {r['model']} | {r['target']} | {r['context'] // 1024}k | "
         lines.append(where + " | ".join(cells) + " |")

@@ -197,10 +197,12 @@ def render_placement(plan: Plan, view: View | None = None) -> str | None:
     ranks = ", ".join(f"GPU{r}: {_ranges(list(h))}" for r, h in enumerate(pl["rank_heads"]))
     lines = [
         f"placement (objective {pl['objective']}, {pl['target']}, context {pl['context']})",
-        f"  tensor parallel  TP={pl['tp']} of {pl['gpus']} GPUs; KV heads {ranks}; "
-        f"{pl['kv_copies']} head caches per layer in the node",
-        f"  batch            {pl['batch']} sequences",
-        f"  predicted        {pl['tokens_per_s']:.1f} tokens/s, step {pl['step_time_s'] * 1e3:.3f} ms ("
+        f"  tensor parallel  TP={pl['tp']} of {pl['gpus']} GPUs"
+        + (f" x {pl['replicas']} data-parallel replicas" if pl.get("replicas", 1) > 1 else "")
+        + f"; KV heads {ranks}; {pl['kv_copies']} head caches per layer per replica",
+        f"  batch            {pl['batch']} sequences per replica",
+        f"  predicted        {pl.get('node_tokens_per_s', pl['tokens_per_s']):.1f} tokens/s per node "
+        f"({pl['tokens_per_s']:.1f} per replica), step {pl['step_time_s'] * 1e3:.3f} ms ("
         + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in bd.items()) + ")",
         f"  per GPU memory   weights {fmt_bytes(g['weights'])} | KV {fmt_bytes(g['kv'])} | activations "
         f"{fmt_bytes(g['activations'])} | reserve {fmt_bytes(g['reserve'])} | free {fmt_bytes(g['free'])}"

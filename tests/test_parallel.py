@@ -202,7 +202,7 @@ def test_place_pass_on_the_70b_meta_config_matches_the_solver():
     p = problem_for(program, load_target("h100-sxm:8"), context=131072, assignment=rows)
     assert p.kv_bytes[0] == (512 * 131072,) * 8 and len(set(p.groups[0])) == 1
     text = render_placement(plan)
-    assert "TP=8 of 8 GPUs" in text and "batch            11 sequences" in text and "HBM capacity" in text
+    assert "TP=8 of 8 GPUs;" in text and "batch            11 sequences" in text and "HBM capacity" in text
     assert "layers 0-79: hbm" in text
 
 
@@ -213,3 +213,23 @@ def test_place_pass_is_inert_on_one_gpu_without_a_throughput_objective():
     assert plan.placement is None
     plan = optimize("llama-3-8b", target="h100-sxm", context=8192, objective="min-latency", progress=False)
     assert plan.placement["tp"] == 1 and plan.placement["batch"] == 1
+
+
+def test_data_parallel_replicas_count_in_node_throughput():
+    # Llama-3-8B-like, fits one H100: TP=t runs 8/t independent replicas. TP=1 x 8 gives exactly 8x the
+    # single-GPU result; the chosen degree must beat it and every other candidate on node tokens/s.
+    kw = dict(layers=32, kv_heads=8, num_q_heads=32, head_dim=128, hidden_size=4096, intermediate_size=14336,
+              vocab_size=128256, num_params=8_030_000_000, param_bytes=16_060_000_000, context=8192,
+              head_bytes=512 * 8192, **H100)  # fmt: skip
+    one = solve_parallel(ParallelProblem.uniform(gpus=1, **kw))
+    node = solve_parallel(ParallelProblem.uniform(gpus=8, **kw))
+    by_tp = {c["tp"]: c for c in node.candidates}
+    assert by_tp[1]["replicas"] == 8 and by_tp[1]["batch"] == one.batch
+    assert by_tp[1]["node_tokens_per_s"] == pytest.approx(8 * one.tokens_per_s)
+    assert node.node_tokens_per_s == pytest.approx(node.replicas * node.tokens_per_s)
+    assert node.node_tokens_per_s == max(c["node_tokens_per_s"] for c in node.candidates)
+    assert node.replicas == 8 // node.tp
+    # sharding weights frees KV room: fewer weight copies in the node beat 8 full copies here
+    assert node.tp > 1 and node.node_tokens_per_s > 8 * one.tokens_per_s
+    tp_only = solve_parallel(ParallelProblem.uniform(gpus=8, data_parallel=False, **kw))
+    assert tp_only.replicas == 1 and tp_only.node_tokens_per_s <= node.node_tokens_per_s

@@ -29,6 +29,9 @@ Cost model (all per decode step, everything in integers: bytes, picoseconds)
   (2 * params/t/L + 4 * q_heads/t * head_dim * context) FLOPs per sequence / peak (attention FLOPs
   over the full context: an upper bound for compressed caches, harmless because decode is
   memory-bound). Weights are spread evenly over the layers (embedding / LM head included).
+* **Data parallelism**: with ``data_parallel`` (default) the ``gpus // t`` TP groups of the node
+  serve independent batches, so ``max-throughput`` ranks degrees by node tokens/s
+  (``replicas * batch / step``); ``min-latency`` and ``min-memory`` look at one replica.
 * **TP communication**: two all-reduces per layer of ``batch * hidden * act_bytes`` bytes, ring
   all-reduce ``2(t-1)/t * bytes / interconnect_bandwidth + interconnect_latency_s`` each, not
   overlapped with compute.
@@ -122,6 +125,7 @@ class ParallelProblem:
     allow_host: bool = True
     host_memory_bytes: int = 256 * 2**30
     tp_degrees: tuple[int, ...] | None = None
+    data_parallel: bool = True
     reserve_fraction: float = 0.05
     prefill_chunk: int = 2048
     work_limit: float = 5.0
@@ -182,7 +186,7 @@ class ParallelSolution:
     tp: int
     batch: int
     step_time_s: float
-    tokens_per_s: float
+    tokens_per_s: float  # of one model replica (TP group)
     per_gpu: dict[str, int]  # weights / kv / activations / reserve / free / capacity (worst rank)
     host_kv_bytes: int  # whole node
     placement: tuple[tuple[tuple[str, tuple[int, ...], str], ...], ...]  # [layer] -> (group, heads, where)
@@ -193,6 +197,8 @@ class ParallelSolution:
     candidates: tuple[dict[str, Any], ...]
     status: str
     solves: int = 0
+    replicas: int = 1  # data-parallel copies of the TP group in the node (gpus // tp)
+    node_tokens_per_s: float = 0.0  # replicas * tokens_per_s
 
     @property
     def host_layers(self) -> list[int]:
@@ -336,6 +342,8 @@ def _read(p: ParallelProblem, m: Model, s: cp_model.CpSolver, status: str, solve
         "batch": b,
         "step_time_s": step_ps / PS,
         "tokens_per_s": b / (step_ps / PS),
+        "replicas": p.gpus // m.tp if p.data_parallel else 1,
+        "node_tokens_per_s": (p.gpus // m.tp if p.data_parallel else 1) * b / (step_ps / PS),
         "per_gpu": {
             "weights": f["weights"],
             "kv": kv,
@@ -356,7 +364,7 @@ def _read(p: ParallelProblem, m: Model, s: cp_model.CpSolver, status: str, solve
 def _better(p: ParallelProblem, a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether candidate ``a`` beats ``b`` (ties go to the smaller TP degree, tried first)."""
     if p.objective == "max-throughput":
-        return a["tokens_per_s"] > b["tokens_per_s"] * (1 + 1e-9)
+        return a["node_tokens_per_s"] > b["node_tokens_per_s"] * (1 + 1e-9)
     if p.objective == "min-latency":
         return a["step_time_s"] < b["step_time_s"] * (1 - 1e-9)
     key = lambda c: (c["host_kv_bytes"], c["tp"] * (c["capacity_used"]))  # noqa: E731
@@ -367,7 +375,8 @@ def _binding(p: ParallelProblem, best: dict[str, Any], cands: list[dict[str, Any
     """Why this configuration: what rules out smaller TP degrees, what stops the batch, what dominates."""
     why = []
     for c in (c for c in cands if c["tp"] < best["tp"]):
-        got = f"{c['tokens_per_s']:.0f} tok/s at batch {c['batch']}" if c["fits"] else c["reason"]
+        got = c["reason"] if not c["fits"] else (
+            f"{c['node_tokens_per_s']:.0f} tok/s ({c['replicas']} x batch {c['batch']})")  # fmt: skip
         why.append(f"TP={c['tp']}: {got}")
     g, gb = best["per_gpu"], 1e9
     per_seq = g["kv"] / max(best["batch"], 1) + fixed_terms(p, best["tp"])["act1"]
@@ -408,7 +417,16 @@ def solve_parallel(p: ParallelProblem) -> ParallelSolution:
     summary = tuple(
         {
             k: c[k]
-            for k in ("tp", "fits", "reason", "batch", "tokens_per_s", "step_time_s", "host_kv_bytes")
+            for k in (
+                "tp",
+                "fits",
+                "reason",
+                "batch",
+                "replicas",
+                "node_tokens_per_s",
+                "step_time_s",
+                "host_kv_bytes",
+            )
             if k in c
         }
         for c in cands
@@ -429,4 +447,6 @@ def solve_parallel(p: ParallelProblem) -> ParallelSolution:
         candidates=summary,
         status=best["status"],
         solves=sum(c.get("solves", 0) for c in cands),
+        replicas=best["replicas"],
+        node_tokens_per_s=best["node_tokens_per_s"],
     )
