@@ -35,6 +35,10 @@ ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "planner_frontier.json"
 
 
+DB = {"bfloat16": 2, "float32": 4}  # bytes per stored element for the model dtype (set in main)
+ELEM = [2]
+
+
 def fit(build, context: int, target_bytes: int, lo: int = 1, hi: int | None = None):
     """The strategy ``build(p)`` with the largest int ``p`` whose bytes at ``context`` fit (None if none)."""
     hi = hi or context
@@ -44,7 +48,7 @@ def fit(build, context: int, target_bytes: int, lo: int = 1, hi: int | None = No
         try:
             s = build(mid)
             s.validate_for(head_dim=64, context=context)
-            ok = s.bytes_for(context, 64, 4) <= target_bytes
+            ok = s.bytes_for(context, 64, ELEM[0]) <= target_bytes
         except ValueError:
             ok = False
         if ok:
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl-target", type=int, default=256)
     ap.add_argument("--methods", default="", help="comma list to restrict (planner, full, uniform names)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DB),
+                    help="model (and so cache) dtype; budgets are fractions of a full bf16 cache either way")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -158,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     from kvcompile.models import load
     from kvcompile.runtime import uniform_plan
 
-    loaded = load("smollm2-135m")
+    loaded = load("smollm2-135m", dtype=getattr(torch, args.dtype))
+    ELEM[0] = DB[args.dtype]
     out = Path(args.out)
     keep = set(filter(None, args.methods.split(",")))
     results: dict[str, Any] = {
         "description": __doc__.split("\n\n")[0],
-        "model": "smollm2-135m (fp32)", "setting": "question-agnostic", "samples_per_cell": args.samples,
+        "model": f"smollm2-135m ({args.dtype})", "setting": "question-agnostic",
+        "samples_per_cell": args.samples,
         "ppl": f"last {args.ppl_target} tokens of a context-length prose window (eval harness text)",
         "machine": {**machine_info(), "python": platform.python_version()},
         "cells": [],
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for ctx in map(int, args.contexts.split(",")):
         if want(ctx, None, "full"):
-            record({"context": ctx, "budget": None, "method": "full", "kv_ratio_bf16_predicted": 2.0,
+            record({"context": ctx, "budget": None, "method": "full", "kv_ratio_bf16_predicted": ELEM[0] / 2,
                     **evaluate(loaded, None, ctx, args.samples, args.ppl_target)})
         budgets = list(map(float, args.budgets.split(",")))
         for b in budgets:  # the planner first: it is what the benchmark is about
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 if s is None or not want(ctx, b, name):
                     continue
                 plan = uniform_plan(loaded.model, s, context=ctx)
-                ratio = s.bytes_for(ctx, 64, 4) / (2 * ctx * 64 * 2)
+                ratio = s.bytes_for(ctx, 64, ELEM[0]) / (2 * ctx * 64 * 2)
                 record({"context": ctx, "budget": b, "method": name, "spec": s.to_spec(),
                         "kv_ratio_bf16_predicted": ratio,
                         **evaluate(loaded, plan, ctx, args.samples, args.ppl_target)})
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             if not want(ctx, None, name):
                 continue
             plan = uniform_plan(loaded.model, s, context=ctx)
-            ratio = s.bytes_for(ctx, 64, 4) / (2 * ctx * 64 * 2)
+            ratio = s.bytes_for(ctx, 64, ELEM[0]) / (2 * ctx * 64 * 2)
             record({"context": ctx, "budget": None, "method": name, "spec": s.to_spec(),
                     "kv_ratio_bf16_predicted": ratio,
                     **evaluate(loaded, plan, ctx, args.samples, args.ppl_target)})

@@ -113,11 +113,11 @@ def test_smollm2_calibrated_compile_verifies(smol, tmp_path, monkeypatch):
     monkeypatch.setenv("KVCOMPILE_CACHE_DIR", str(tmp_path))
     specs = [{"name": "full"}, {"name": "quant", "bits": 4}, {"name": "sink_window", "sinks": 4,
              "window": 60}, {"name": "snapkv", "budget": 48, "obs_window": 16}]
-    kw = dict(target="h100", context=256, kv_budget=0.3, calibration="default:1x256", progress=False,
+    kw = dict(target="h100", context=256, kv_budget=0.6, calibration="default:1x256", progress=False,
               candidates=specs, verify_tokens=256)
     plan = optimize(smol, **kw)
     assert plan.predicted["damage_source"] == "calibration"
-    assert plan.predicted["kv_bytes_at_context"] <= 0.3 * plan.predicted["full_bf16_kv_bytes_at_context"]
+    assert plan.predicted["kv_bytes_at_context"] <= 0.6 * plan.predicted["full_bf16_kv_bytes_at_context"]
     m = plan.measured
     assert m["samples"] == 2 and {"kl", "ppl_full", "ppl_plan", "passkey_full", "passkey_plan"} <= set(m)
     assert m["kl"] >= 0 and m["ppl_full"] > 1
