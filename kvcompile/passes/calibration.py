@@ -420,7 +420,8 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
     log.info("calibration %s: %s", data["key"], "cache hit" if data["cache_hit"] else f"{data['seconds']}s")
     # no timings or cache state in notes: the plan must be byte-identical for the same input
     notes.append(f"damage calibrated on {data['samples']} x {data['tokens']}-token samples of "
-                 f"{data['calibration']!r}; units: predicted KL contribution (nats)")
+                 f"{data['calibration']!r}; units: predicted loss increase on the scored tokens "
+                 "(nats, empirical Fisher)")
     damage = {
         "source": "calibration", "values": values, "layer_weight": sens,
         "key": data["key"], "cache_hit": data["cache_hit"], "seconds": data["seconds"],
