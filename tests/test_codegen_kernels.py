@@ -226,3 +226,18 @@ def test_launchers_reject_bad_input():
         decode_full(q, k, v, lead=torch.zeros(B, dtype=torch.int32))
     with pytest.raises(ValueError, match="one query token"):
         decode_full(torch.cat([q, q], 2), k, v)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_compact_scored_returns_attention_mass(splits):
+    from kvcompile.codegen.decode_compact import decode_compact_scored
+
+    q, k, v, kn, vn = qkv(torch.float32)
+    pos = torch.arange(N, dtype=torch.int32).expand(B, HG, N).contiguous()
+    pos[1, :, :4] = -1
+    out, mass = decode_compact_scored(q, k, v, pos, k_new=kn, v_new=vn, num_splits=splits)
+    want_out, want_mass = ref.decode_compact_scored(q, k, v, pos, k_new=kn, v_new=vn)
+    close(out, want_out, torch.float32)
+    torch.testing.assert_close(mass, want_mass, atol=1e-6, rtol=1e-5)
+    assert mass.shape == (B, HG, N + 1) and torch.all(mass[1, :, :4] == 0)
+    torch.testing.assert_close(mass.sum(-1), torch.full((B, HG), float(G)))  # G query heads, each sums to 1

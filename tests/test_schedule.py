@@ -33,11 +33,12 @@ def test_lower_mixed_plan():
     assert [(i.op, i.group, i.arg("threshold")) for i in flush] == [("flush_quant", 0, 16)]
     assert flush[0].kernel_uri == "quant_append_hd64_b4_g8_f32"
     dec1 = sched.select("decode", 1)
-    # H2O must return attention mass: its group keeps the reference; sink_window + fp8 share one launch
-    assert [(i.op, i.group) for i in dec1] == [("attend_decode", -1), ("attend_ref", 0), ("append", 2)]
+    # sink_window + fp8 share one launch; H2O gets its own, which also returns the per-key attention mass
+    assert [(i.op, i.group) for i in dec1] == [("attend_decode", -1), ("attend_scored", 0), ("append", 2)]
     assert dec1[0].kernel_uri == "decode_mixed_hd64_gqa3_s-compact-fp8_f32"
+    assert dec1[1].kernel_uri == "decode_compact_scored_hd64_gqa3_f32"
     assert [(i.op, i.group) for i in sched.select("evict", 1)] == [("append", 0), ("append", 1)]
-    assert sched.launches("decode") == 2  # one per layer, whatever the mix
+    assert sched.launches("decode") == 3  # one per layer whatever the mix, plus one per H2O group
     assert all(i.kernel_uri is None for i in sched.select("prefill"))
     assert set(sched.kernels) == {i.kernel_uri for i in sched.instrs if i.kernel_uri}
     assert Schedule.from_json(sched.to_json(), sched.kernels) == sched
@@ -92,6 +93,10 @@ def test_interpreter_validate_matches_the_torch_runtime(row):
         torch.testing.assert_close(b, a, atol=5e-5, rtol=5e-5)
     assert interp.counts["attend_decode"] == 12
     assert interp.errors["attend_decode"] < 5e-5
+    if row == 1:  # H2O: kernel attention and the mass it hands to the store (which drives eviction)
+        assert interp.errors["attend_scored"] < 5e-5 and interp.errors["attend_scored_mass"] < 1e-5
+        torch.testing.assert_close(fast.stores[0].score, ref_layer.stores[0].score, atol=1e-4, rtol=1e-4)
+        assert torch.equal(fast.stores[0].pos, ref_layer.stores[0].pos)  # the same tokens were evicted
     if row == 0:
         assert interp.errors["flush_quant"] == 0.0  # kernel codes/scales equal _quant_ref's exactly
         assert fast.stores[0].buf.nq == ref_layer.stores[0].buf.nq == 24  # 33 tokens: flushed twice
@@ -207,4 +212,5 @@ def test_kernel_backend_without_attach_lowers_each_layer_lazily():
     from kvcompile.runtime.interpreter import _ATTACHED
 
     interp, idx = _ATTACHED[fast]
-    assert idx == 0 and interp.counts["attend_decode"] == 3 and interp.counts["attend_ref"] == 3 + 3
+    assert idx == 0 and interp.counts["attend_decode"] == 3 and interp.counts["attend_ref"] == 3
+    assert interp.counts["attend_scored"] == 3

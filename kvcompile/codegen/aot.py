@@ -121,6 +121,8 @@ def _cases() -> list[tuple[str, Any, list[str], list[Any], dict[str, Any]]]:
         "fp32",
     ]
     spec = ((3, 4, 32, 128), (1, 0, 0, 0), (2, 0, 0, 0))
+    scored = ["q", "k", "v", "pos", "kt", "vt", "lead", "s", "m", "l", "acc", "out", "Hg", "N", "Nt", "sc"]
+    scored_t = [f16, f16, f16, _p("i32"), f16, f16, i64, f32, f32, f32, f32, f16, "i32", "i32", "i32", "fp32"]
     append = ["k", "v", "kc", "ks", "kz", "vc", "vs", "vz", "lead", "n", "start", "Hg"]
     append_t = [f16, f16, u8, f16, f16, u8, f16, f16, i64, "i32", "i32", "i32"]
     return [
@@ -128,6 +130,8 @@ def _cases() -> list[tuple[str, Any, list[str], list[Any], dict[str, Any]]]:
          dict(FMT=1, D=128, G=4, HAS_LEAD=True, NUM_SPLITS=4, **tiles)),
         ("decode_quant_b2_hd80", decode_quant._decode_quant_kernel, quant, quant_t,
          dict(D=80, G=3, BITS=2, GROUP=32, V_GROUP=16, HAS_LEAD=True, NUM_SPLITS=1, **tiles)),
+        ("decode_compact_scored", decode_compact._decode_scored_kernel, scored, scored_t,
+         dict(D=64, G=3, HAS_LEAD=False, NUM_SPLITS=2, **tiles)),
         ("reduce_splits", _common._reduce_splits_kernel, ["m", "l", "acc", "out", "H"],
          [f32, f32, f32, f16, "i32"], dict(D=128, G=4, NUM_SPLITS=8, BLOCK_G=16, BLOCK_D=128)),
         ("quant_append_b4", quant_append._quant_pack_kernel, append, append_t,

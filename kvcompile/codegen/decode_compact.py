@@ -196,7 +196,197 @@ def _decode_dense_kernel(
     _finish(m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hg, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS)
 
 
+@triton.jit
+def _scored_tokens(
+    q,
+    m,
+    lsum,
+    acc,
+    base,
+    lo,
+    hi,
+    N,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    lead,
+    pos0,
+    s_ptr,
+    s_row0,
+    s_stride,
+    s_col0,
+    COMPACT: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """:func:`_dense_tokens` for float compacted storage (``COMPACT``: positions from ``pos``, else
+    ``pos0 + n``) that also writes each key's log2-domain score (``-inf`` if masked) for the G query
+    heads to ``s[s_row0 + g, s_col0 + n]`` (row stride ``s_stride``), from which the host derives
+    the attention mass H2O accumulates."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_g = tl.arange(0, BLOCK_G)
+    dmask = offs_d < D
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hi
+        mask2 = nmask[:, None] & dmask[None, :]
+        off = (base * N + offs_n[:, None]) * D + offs_d[None, :]
+        k = tl.load(k_ptr + off, mask=mask2, other=0).to(tl.float32)
+        v = tl.load(v_ptr + off, mask=mask2, other=0).to(tl.float32)
+        if COMPACT:
+            p = tl.load(pos_ptr + base * N + offs_n, mask=nmask, other=0).to(tl.int64)
+        else:
+            p = pos0 + offs_n.to(tl.int64)
+        valid = nmask & (p >= lead)
+        s = tl.where(valid[None, :], _dot(q, tl.trans(k)), float("-inf"))
+        s_off = (s_row0 + offs_g[:, None]) * s_stride + s_col0 + offs_n[None, :]
+        tl.store(s_ptr + s_off, s, mask=(offs_g[:, None] < G) & nmask[None, :])
+        m, lsum, acc = _online_update(m, lsum, acc, s, v.to(q.dtype))
+    return m, lsum, acc
+
+
+@triton.jit
+def _decode_scored_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    kt_ptr,
+    vt_ptr,
+    lead_ptr,
+    s_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    out_ptr,
+    Hg,
+    N,
+    Nt,
+    qk_scale,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    HAS_LEAD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Decode attention over compacted storage + new tokens that also emits per-key scores
+    ``s`` [B, Hg, G, N + Nt] (log2 domain); grid (B * Hg, NUM_SPLITS), split layout as
+    :func:`_decode_dense_kernel`. New tokens are never masked."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // Hg
+    h = pid % Hg
+    q = _load_q(q_ptr, b, h * G, Hg * G, qk_scale, D, G, BLOCK_G, BLOCK_D)
+    if HAS_LEAD:  # noqa: SIM108 - constexpr branch: one side is compiled
+        lead = tl.load(lead_ptr + b)
+    else:
+        lead = 0
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    lsum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    chunk = tl.cdiv(tl.cdiv(N, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, N)
+    m, lsum, acc = _scored_tokens(
+        q,
+        m,
+        lsum,
+        acc,
+        pid,
+        lo,
+        hi,
+        N,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        lead,
+        0,
+        s_ptr,
+        pid * G,
+        N + Nt,
+        0,
+        True,
+        D,
+        G,
+        BLOCK_G,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    if split == NUM_SPLITS - 1:
+        m, lsum, acc = _scored_tokens(
+            q,
+            m,
+            lsum,
+            acc,
+            pid,
+            0,
+            Nt,
+            Nt,
+            kt_ptr,
+            vt_ptr,
+            pos_ptr,
+            lead,
+            1 << 40,
+            s_ptr,
+            pid * G,
+            N + Nt,
+            N,
+            False,
+            D,
+            G,
+            BLOCK_G,
+            BLOCK_N,
+            BLOCK_D,
+        )
+    _finish(m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hg, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS)
+
+
 SOURCES = (_dense_tokens, _decode_dense_kernel)
+SCORED_SOURCES = (_scored_tokens, _decode_scored_kernel)
+LN2 = 0.6931471805599453
+
+
+def decode_compact_scored(
+    q, k, v, pos, *, scale=None, lead=None, k_new=None, v_new=None, num_splits=None, kernels=None
+):
+    """:func:`decode_compact` that also returns the attention mass of every key, summed over the G query
+    heads of its KV head: ``(out [B, Hq, 1, D], mass [B, Hg, N + T] float32)`` over the stored then the
+    new tokens (what H2O accumulates, ``SelectStore.observe``). The kernel writes per-key scores; the
+    mass is their softmax (scores are log2-domain: ``softmax(s * ln 2)``)."""
+    q3, four_d = split_q(q)
+    B, Hq, D = q3.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k: expected [B={B}, Hg, N, D={D}], got {tuple(k.shape)}")
+    Hg, N = k.shape[1], k.shape[2]
+    if Hq % Hg:
+        raise ValueError(f"q has {Hq} heads, not a multiple of the {Hg} KV heads")
+    G, dev = Hq // Hg, q3.device
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, (B, Hg, N, D), FLOAT_DTYPES, dev)
+    if pos is None:
+        raise ValueError("pos: required for compacted storage")
+    check_tensor("pos", pos, (B, Hg, N), (torch.int32, torch.int64), dev)
+    lead_t, has_lead = lead_arg(lead, B, dev)
+    kt, vt, Nt = tail_args(k_new, v_new, B, Hg, D, dev)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = decode_settings(N + Nt, D, G, B * Hg, dev, num_splits)
+    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
+    parts = alloc_partials(B, Hg, s, dev)
+    scores = torch.empty(B, Hg, G, N + Nt, dtype=torch.float32, device=dev)
+    main, red = kernels or (_decode_scored_kernel, None)
+    main[(B * Hg, s.num_splits)](
+        q3, k, v, pos, kt, vt, lead_t, scores, *parts, out, Hg, N, Nt, scale * LOG2E, D=D, G=G,
+        HAS_LEAD=has_lead, BLOCK_G=s.block_g, BLOCK_N=s.block_n, BLOCK_D=s.block_d, NUM_SPLITS=s.num_splits,
+        num_warps=s.num_warps,
+    )  # fmt: skip
+    reduce_splits(parts, out, Hg, D, G, s, red)
+    mass = torch.nan_to_num(torch.softmax(scores * LN2, dim=-1), nan=0.0).sum(dim=2)
+    return (out[:, :, None] if four_d else out), mass
 
 
 def _decode_dense(

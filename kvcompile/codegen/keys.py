@@ -12,7 +12,15 @@ import dataclasses
 import re
 from typing import Any
 
-KINDS = ("decode_full", "decode_fp8", "decode_compact", "decode_quant", "decode_mixed", "quant_append")
+KINDS = (
+    "decode_full",
+    "decode_fp8",
+    "decode_compact",
+    "decode_compact_scored",
+    "decode_quant",
+    "decode_mixed",
+    "quant_append",
+)
 DTYPE_TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 # strategy kernel formats served by kernels; any other format runs its store's torch reference
 KERNEL_FORMATS = ("full", "fp8", "compact", "quant")
@@ -113,6 +121,11 @@ def decode_key(slots: tuple[Slot, ...], head_dim: int, gqa: int, dtype: str) -> 
         s = slots[0]
         return KernelKey(f"decode_{s.fmt}", head_dim, gqa, dtype, s.bits, s.group, s.v_group, s.residual)
     return KernelKey("decode_mixed", head_dim, gqa, dtype, slots=slots)
+
+
+def scored_key(head_dim: int, gqa: int, dtype: str) -> KernelKey:
+    """The key of compacted decode that also returns per-key attention mass (H2O's ``compact_scored``)."""
+    return KernelKey("decode_compact_scored", head_dim, gqa, dtype)
 
 
 def append_key(slot: Slot, head_dim: int, dtype: str) -> KernelKey:

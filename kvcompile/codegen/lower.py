@@ -3,8 +3,9 @@
 Per layer, KV heads sharing a strategy form head groups (the same grouping as the runtime cache,
 ``runtime.cache.group_heads``). Groups whose storage format has a kernel (``keys.slot_for``) are
 served by one decode launch per layer: a uniform kernel when the layer has one such group, the fused
-mixed-format kernel otherwise. Other groups (e.g. H2O, which must also return attention mass) keep
-their store's torch reference. See ``runtime/schedule.py`` for the phases.
+mixed-format kernel otherwise. H2O groups (which must also return the attention mass they accumulate)
+get one ``decode_compact_scored`` launch each; other formats keep their store's torch reference.
+See ``runtime/schedule.py`` for the phases.
 
 Example
 -------
@@ -23,7 +24,7 @@ from ..runtime.cache import group_heads
 from ..runtime.schedule import Instr, Schedule
 from ..strategies import Strategy, from_spec
 from .cache import KernelSourceError, load_kernel, render, sha256
-from .keys import DTYPE_TAGS, KernelKey, append_key, decode_key, slot_for
+from .keys import DTYPE_TAGS, KernelKey, append_key, decode_key, scored_key, slot_for
 
 SELECTION_FORMATS = ("compact", "compact_scored")
 
@@ -63,8 +64,14 @@ def lower_strategies(
         if served:
             uri = key(decode_key(tuple(slots[i] for i in served), head_dim, gqa, dtype))
             instrs.append(Instr("attend_decode", "decode", layer, -1, uri, (("groups", served),)))
-        for gi in range(len(groups)):
-            if gi not in served:
+        for gi, g in enumerate(groups):
+            if gi in served:
+                continue
+            if g.strategy.kernel_format() == "compact_scored":  # H2O: attention + per-key mass, own launch
+                instrs.append(
+                    Instr("attend_scored", "decode", layer, gi, key(scored_key(head_dim, gqa, dtype)))
+                )
+            else:
                 instrs.append(Instr("attend_ref", "decode", layer, gi))
         for phase in ("prefill", "decode"):
             instrs += [Instr(op, phase, layer, gi) for op, gi in main_ops]

@@ -121,3 +121,16 @@ def decode_quant(
     k = dequantize_keys(k_codes, k_scale, k_zero, bits, group)
     v = dequantize_values(v_codes, v_scale, v_zero, bits, v_group)
     return decode_full(q, k, v, scale=scale, lead=lead, k_new=k_tail, v_new=v_tail)
+
+
+def decode_compact_scored(q, k, v, pos, *, scale=None, lead=None, k_new=None, v_new=None):
+    """Reference of :func:`kvcompile.codegen.decode_compact.decode_compact_scored`: (out, mass), mass
+    [B, Hg, N + T] = softmax probabilities summed over the G query heads of each KV head."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, H = k.shape[:2]
+    ok = pos.long() >= (0 if lead is None else lead.view(-1, 1, 1))
+    tail = None if k_new is None else torch.ones(B, H, k_new.shape[2], dtype=torch.bool, device=k.device)
+    k, v, ok = _with_tail(k, v, ok, k_new, v_new, tail)
+    out, probs = reference_attention(q.float(), k.float(), v.float(), ok, scale, return_probs=True)
+    mass = probs.reshape(B, H, -1, probs.shape[-1]).sum(2)
+    return out.to(q.dtype), mass

@@ -272,7 +272,32 @@ def _attend_decode(ctx: Ctx, instr: Instr) -> None:
         ctx.out.index_copy_(1, q_idx, out.to(ctx.out.dtype))
 
 
+def _attend_scored(ctx: Ctx, instr: Instr) -> None:
+    """An H2O group: decode attention over its compacted keys that also returns each key's attention
+    mass, handed to the store (``observe``) for its next eviction."""
+    from ..codegen import reference as ref
+    from ..codegen.decode_compact import decode_compact_scored
+
+    q, k, v, qi = ctx.heads(instr.group)
+    store = ctx.layer.stores[instr.group]
+    t = store.tensors()
+    args = (q, t["k"], t["v"], t["pos"])
+    if ctx.interp.backend == "torch":
+        out, mass = ref.decode_compact_scored(*args, scale=ctx.scale, k_new=k, v_new=v)
+    else:
+        kernels = ctx.interp.kernel(instr.kernel_uri)
+        out, mass = decode_compact_scored(*args, scale=ctx.scale, k_new=k, v_new=v, kernels=kernels)
+        if ctx.interp.validate:
+            _, want_mass = ref.decode_compact_scored(*args, scale=ctx.scale, k_new=k, v_new=v)
+            want = store.attend(q, k, v, ctx.valid, ctx.scale)  # the store's own reference
+            ctx.interp.record("attend_scored", (out.float() - want.float()).abs().max().item())
+            ctx.interp.record("attend_scored_mass", (mass - want_mass).abs().max().item())
+    store.observe(mass)
+    ctx.put(qi, out)
+
+
 HANDLERS: dict[str, Callable[[Ctx, Instr], None]] = {
+    "attend_scored": _attend_scored,
     "attend_ref": _attend_ref,
     "append": _append,
     "push_residual": _push_residual,

@@ -8,8 +8,9 @@ Phases, in the order one forward of a layer runs them:
 * ``prefill`` — a forward with several new tokens (or the first one): reference attention over the
   store plus the new tokens in full precision (as KIVI/SnapKV/H2O do), then the stores take them;
 * ``decode`` — one new token per row: one attention launch for all kernel-served head groups of the
-  layer (``group == -1``; a mixed-format launch when they differ), reference attention for the rest,
-  then every group takes the token;
+  layer (``group == -1``; a mixed-format launch when they differ), one ``attend_scored`` launch per
+  H2O group (attention plus the per-key mass it accumulates), reference attention for the rest, then
+  every group takes the token;
 * ``flush`` — periodic: a quant group whose residual reached ``residual + group`` tokens quantizes
   its oldest groups (one launch per group);
 * ``evict`` — token-selection groups append and evict (their store's reference policy).
@@ -23,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 PHASES = ("prefill", "decode", "flush", "evict")
-OPS = ("attend_ref", "append", "push_residual", "attend_decode", "flush_quant")
+OPS = ("attend_ref", "append", "push_residual", "attend_decode", "attend_scored", "flush_quant")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
