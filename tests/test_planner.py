@@ -125,3 +125,7 @@ def test_smollm2_calibrated_compile_verifies(smol, tmp_path, monkeypatch):
     # warm calibration cache: same plan, byte for byte
     again = optimize(smol, **kw)
     assert again.to_json() == plan.to_json()
+    # an impossible tolerance: one tightened re-solve, then an honest failure note
+    strict = optimize(smol, **{**kw, "tolerance": -1.0, "verify_iterations": 1})
+    assert strict.measured["iterations"] == 2 and strict.measured["within_tolerance"] is False
+    assert any("verification FAILED" in n for n in strict.notes)
