@@ -326,12 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = [evdata.make_niah_sample(tok, length, seed=i, needles=4) for i in range(args.samples)]
             kind = "retrieval"
         else:
-            samples = [
-                evdata.make_passkey_sample(
-                    tok, length, i, depth=(i + evtasks._unit(0, i, length)) / args.samples
-                )
-                for i in range(args.samples)
-            ]
+            samples = evtasks.passkey_samples(tok, length, args.samples, seed=0)
             kind = "retrieval"
         per_sample = [run_sample(model, tok, rec, s, cells, kind, args.ppl_chunk) for s in samples]
         for cell, r in aggregate(task, length, per_sample).items():

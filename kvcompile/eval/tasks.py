@@ -240,13 +240,18 @@ def passkey_accuracy(
     seed: int = 0,
     **kw: Any,
 ) -> TaskResult:
-    """Passkey accuracy at ``length`` tokens; sample ``i`` has seed ``seed * 1000 + i`` and a depth drawn
-    from stratum ``[i/samples, (i+1)/samples)`` so few samples still cover the whole context."""
-    ss = [
+    """Passkey accuracy at ``length`` tokens over :func:`passkey_samples`."""
+    ss = passkey_samples(tokenizer, length, samples, seed)
+    return retrieval_accuracy(model, tokenizer, ss, cache_factory, desc=f"passkey@{length}", **kw)
+
+
+def passkey_samples(tokenizer: Any, length: int, samples: int, seed: int = 0) -> list[Sample]:
+    """The passkey set: sample ``i`` has seed ``seed * 1000 + i`` and a depth drawn from stratum
+    ``[i/samples, (i+1)/samples)``, so few samples still cover the whole context."""
+    return [
         make_passkey_sample(tokenizer, length, seed * 1000 + i, depth=(i + _unit(seed, i, length)) / samples)
         for i in range(samples)
     ]
-    return retrieval_accuracy(model, tokenizer, ss, cache_factory, desc=f"passkey@{length}", **kw)
 
 
 def niah_accuracy(
