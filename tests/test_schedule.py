@@ -161,13 +161,15 @@ def test_plan_artifact_carries_verified_kernels(smol, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_smollm2_greedy_generation_interpreter_validate_equals_torch(smol):
     """Bar: the interpreter (Triton kernels under TRITON_INTERPRET, validate=True) generates the same
-    greedy tokens as the torch runtime on SmolLM2 with a mixed quant/full/window plan."""
+    greedy tokens as the torch runtime on SmolLM2 with a per-head KIVI-int4 / H2O / sink+window plan
+    (H2O evicts during decode from the mass the kernel returns)."""
     from kvcompile.runtime import make_cache, mixed_plan
 
     model, tok = smol.model, smol.tokenizer
     prompt = "The pass key is 71432. Remember it. Question: What is the pass key? Answer with the number."
     ids = tok(prompt + " The pass key is", return_tensors="pt").input_ids
-    plan = mixed_plan(model, [Q4, "full", {"name": "sink_window", "sinks": 4, "window": 24}], context=256)
+    h2o = {"name": "heavy_hitter", "budget": 33, "recent": 8}  # 31 prompt tokens: evicts from decode step 3
+    plan = mixed_plan(model, [Q4, h2o, {"name": "sink_window", "sinks": 4, "window": 24}], context=256)
     tokens, interp = {}, None
     for backend in ("torch", "triton-interpret"):
         cache = make_cache(plan, model, backend=backend)
@@ -180,6 +182,8 @@ def test_smollm2_greedy_generation_interpreter_validate_equals_torch(smol):
     assert "714" in tok.decode(tokens["torch"])
     assert interp.counts["attend_decode"] == 30 * 5 and interp.errors["attend_decode"] < 1e-4
     assert interp.errors["flush_quant"] == 0.0
+    assert interp.counts["attend_scored"] == 30 * 5 and interp.errors["attend_scored_mass"] < 1e-5
+    assert cache.layers[0].stores[1].pos.shape[-1] == 33  # H2O evicted down to its budget during decode
 
 
 def test_emit_code_pass_puts_schedule_and_kernels_in_facts():
