@@ -31,6 +31,7 @@ Usage (one core, a few tens of minutes)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -274,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-chunk", type=int, default=32)
     p.add_argument("--cells", default=",".join(cell_names()))
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument(
+        "--question-aware",
+        action="store_true",
+        help="compress after the question (prefill all but the last prompt token); adds a "
+        "'question_aware' section to an existing --out file; ppl (no question) is skipped",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -286,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ppl_len = args.ppl_context + args.ppl_target
     blocks = [("passkey", n) for n in lengths if n <= 2048] + [("niah", args.niah_length), ("ppl", ppl_len)]
     blocks += [("passkey", n) for n in lengths if n > 2048]
+    if args.question_aware:
+        blocks = [b for b in blocks if b[0] != "ppl"]
     doc: dict[str, Any] = {
         "benchmark": "uniform strategies, question-agnostic, SmolLM2-135M-Instruct (fp32)",
         "incomplete": "running: blocks finish in the order listed in config.blocks",
@@ -311,7 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine": evtasks.machine_info(),
         "results": {},
     }
-    if not args.skip_check:
+    section = doc
+    if args.question_aware:
+        section = {
+            "setting": "question-aware: everything but the prompt's last token is prefilled (and compressed) "
+            "in one forward, so SnapKV/H2O observe the question",
+            "incomplete": doc["incomplete"],
+            "config": {**doc["config"], "setting": "question-aware"},
+            "results": {},
+        }
+        doc = json.loads(args.out.read_text())
+        doc["question_aware"] = section
+    if not args.skip_check and not args.question_aware:
         doc["replay_check"] = replay_check(
             model, tok, rec, ["quant2", "heavy_hitter@0.25", "snapkv@0.125", "think-0.25"], min(lengths)
         )
@@ -328,15 +348,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             samples = evtasks.passkey_samples(tok, length, args.samples, seed=0)
             kind = "retrieval"
+        if args.question_aware:
+            samples = [dataclasses.replace(x, context_len=x.length - 1) for x in samples]
         per_sample = [run_sample(model, tok, rec, s, cells, kind, args.ppl_chunk) for s in samples]
         for cell, r in aggregate(task, length, per_sample).items():
-            doc["results"].setdefault(cell, {})[f"{task}@{length}"] = r
+            section["results"].setdefault(cell, {})[f"{task}@{length}"] = r
         print(f"{task}@{length}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-        doc["wall_s"] = time.perf_counter() - t_all
+        section["wall_s"] = time.perf_counter() - t_all
         _write(args.out, doc)
-    doc.pop("incomplete")
+    section.pop("incomplete")
     _write(args.out, doc)
-    print(table(doc))
+    print(table(section))
     return 0
 
 
