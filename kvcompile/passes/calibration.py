@@ -242,7 +242,7 @@ def _run_sample(
             layers = sorted(probe.outs)
             grads = torch.autograd.grad(loss, [probe.outs[i] for i in layers])
         g2 = {i: g[0].float().pow(2).sum(-1).transpose(0, 1) for i, g in zip(layers, grads, strict=True)}
-        record, probe.record, probe.outs = probe.record, None, None
+        record, probe.record, probe.outs = probe.record or {}, None, None
     dtype = next(model.parameters()).dtype
     damage, sens = [], []
     with torch.no_grad():
@@ -359,15 +359,15 @@ def prior_damage(strategy: Strategy, context: int, head_dim: int = 128) -> float
     """A literature prior of a strategy's damage at ``context`` tokens (unitless, comparable across heads)."""
     name = strategy.name
     if name == "full":
-        return 0.0 if strategy.dtype in ("model", "float32") else 1e-4
+        return 0.0 if getattr(strategy, "dtype", "model") in ("model", "float32") else 1e-4
     if name == "quant":
-        return PRIOR_QUANT_BITS.get(strategy.bits, 0.1)
+        return PRIOR_QUANT_BITS.get(getattr(strategy, "bits", 2), 0.1)
     if name in ("compose", "mikv"):
         parts = [getattr(strategy, f.name) for f in dataclasses.fields(strategy)]
         total = sum(prior_damage(v, context, head_dim) for v in parts if isinstance(v, Strategy))
         return total + (0.05 if name == "mikv" else 0.0)
     if name == "think":
-        return PRIOR_FAMILY["think"] * (1 - float(strategy.keep_ratio)) ** 2
+        return PRIOR_FAMILY["think"] * (1 - float(getattr(strategy, "keep_ratio", 1.0))) ** 2
     if hasattr(strategy, "kept"):
         frac = strategy.kept(context) / context
         return PRIOR_FAMILY.get(name, 1.0) * (1 - frac) ** 2

@@ -25,9 +25,10 @@ def target_allows(strategy: Strategy, target: Target) -> bool:
     if name == "fp8":
         return target.supports_fp8
     if name == "quant":
-        return f"int{strategy.bits}" in kv
+        return f"int{getattr(strategy, 'bits', 0)}" in kv
     if name == "full":
-        return strategy.dtype == "model" or strategy.dtype in kv
+        dtype = getattr(strategy, "dtype", "model")
+        return dtype == "model" or dtype in kv
     parts = [v for v in (getattr(strategy, f) for f in getattr(strategy, "__dataclass_fields__", {}))
              if isinstance(v, Strategy)]
     return all(target_allows(p, target) for p in parts)
@@ -41,7 +42,7 @@ def planner_grid(context: int) -> list[Strategy]:
     out: list[Strategy] = [Full()]
     mikv = 0
     for s in default_instances(context):
-        half = s.name in ("snapkv", "sink_window") and s.kept(context) > context // 3
+        half = isinstance(s, (SnapKV, SinkWindow)) and s.kept(context) > context // 3
         if s.name == "heavy_hitter" or half:
             continue
         if s.name == "mikv":
@@ -50,7 +51,7 @@ def planner_grid(context: int) -> list[Strategy]:
                 continue
         out.append(s)
     # int8 copies of the kept tokens (near lossless, KIVI) double what a selection keeps at equal bytes
-    comp = REGISTRY.get("compose")
+    comp: Any = REGISTRY.get("compose")
     if comp is not None:
         for frac in (0.25, 0.125):
             n = max(8, int(context * frac))

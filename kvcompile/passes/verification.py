@@ -154,7 +154,7 @@ def verify_plan(program: Program, ctx: PassContext) -> Program:
                      f"{n / context:.3g}")
 
     def run(p: Program) -> dict[str, Any]:
-        assignment = p.assignment
+        assignment: Any = p.assignment
         if n < context:
             assignment = [[rescale(from_spec(s), n / context).to_spec() for s in row] for row in assignment]
         return cached_measure(ctx, program.model.fingerprint, assignment, samples, n)
@@ -170,7 +170,7 @@ def verify_plan(program: Program, ctx: PassContext) -> Program:
         specs = current.facts["candidates"]["specs"]
         scale = [list(map(list, layer)) for layer in current.facts.get("damage_scale") or
                  [[[1.0] * len(specs) for _ in range(s.num_kv_heads)] for s in current.sites]]
-        for li, row in enumerate(current.assignment):
+        for li, row in enumerate(current.assignment or ()):
             for h, spec in enumerate(row):
                 i = specs.index(dict(spec))
                 if current.facts["damage"]["values"][li][h][i] > 0:

@@ -181,10 +181,10 @@ def solve_heads(problem: HeadProblem) -> HeadSolution:
     for n_cls, (key, members) in enumerate(classes.items()):
         size = len(members)
         l0, h0 = members[0]
-        opts = [problem.options[l0][h0][i] for i in kept[key]]
-        cv = [m.new_int_var(0, size, f"n_{n_cls}_{j}") for j in range(len(opts))]
+        cls_opts = [problem.options[l0][h0][i] for i in kept[key]]
+        cv = [m.new_int_var(0, size, f"n_{n_cls}_{j}") for j in range(len(cls_opts))]
         m.add(sum(cv) == size)
-        for v, o in zip(cv, opts, strict=True):
+        for v, o in zip(cv, cls_opts, strict=True):
             byte_terms.append(v * (o.bytes // g))
             lat_terms.append(v * o.latency)
             d = round(o.damage * scale)
@@ -194,7 +194,7 @@ def solve_heads(problem: HeadProblem) -> HeadSolution:
                 u = used.setdefault((l0, o.kernel), m.new_bool_var(f"k_{l0}_{o.kernel}"))
                 m.add(v <= size * u)
         counts[key] = cv
-    if capped:
+    if problem.max_kernels_per_layer is not None:
         for l_ in range(len(problem.options)):
             layer_used = [u for (ll, _), u in used.items() if ll == l_]
             if len(layer_used) > problem.max_kernels_per_layer:
