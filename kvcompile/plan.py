@@ -119,15 +119,21 @@ class Plan(BaseModel):
             out.append(row)
         return out
 
-    def predicted_kv_bytes(self, tokens: int | None = None, batch: int = 1) -> int:
-        """Exact KV bytes the plan's cache holds after ``tokens`` tokens (default: config.context)."""
+    def predicted_kv_bytes(self, tokens: int | None = None, batch: int = 1, decoded: int = 0) -> int:
+        """Exact KV bytes the plan's cache holds after a prefill of ``tokens`` tokens (default:
+        config.context) followed by ``decoded`` single-token decode steps.
+
+        The split matters for strategies that select only at prefill (SnapKV, compositions):
+        their decode tokens are all kept, so bytes after prefill+decode differ from a prefill of
+        the same total length.
+        """
         from .ir import dtype_bytes
 
         n = self.config.context if tokens is None else tokens
         db = dtype_bytes(self.model.dtype)
         total = 0
         for site, row in zip(self.model.sites, self.strategies(), strict=True):
-            total += sum(s.bytes_for(n, site.head_dim, db) for s in row)
+            total += sum(s.bytes_for_seq(n, decoded, site.head_dim, db) for s in row)
         return total * batch
 
     def full_kv_bytes(self, tokens: int | None = None, batch: int = 1, dtype: str | None = None) -> int:
@@ -186,12 +192,16 @@ def load(path: str | os.PathLike[str]) -> Plan:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise PlanError(f"{path}: not valid JSON, the file is corrupt or truncated ({e.msg} at char {e.pos})") from None
+        raise PlanError(
+            f"{path}: not valid JSON, the file is corrupt or truncated ({e.msg} at char {e.pos})"
+        ) from None
     if not isinstance(raw, dict):
         raise PlanError(f"{path}: expected a JSON object")
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise PlanError(f"{path}: schema_version {version!r} is not supported (this kvcompile reads {SCHEMA_VERSION})")
+        raise PlanError(
+            f"{path}: schema_version {version!r} is not supported (this kvcompile reads {SCHEMA_VERSION})"
+        )
     try:
         plan = Plan.model_validate(raw)
     except ValidationError as e:

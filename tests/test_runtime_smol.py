@@ -194,3 +194,26 @@ def test_uniform_quant2_stores_packed_codes_at_4k(smol):
         for codes in (t["k_codes"], t["v_codes"]):
             assert codes.dtype == torch.uint8
             assert tuple(codes.shape) == (1, 3, quantized, 64 // 4)  # 4 two-bit codes per byte
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "snapkv", "budget": 64, "obs_window": 16},
+        {"name": "compose", "select": {"name": "snapkv", "budget": 64, "obs_window": 16},
+         "quant": {"name": "quant", "bits": 4}},
+        {"name": "heavy_hitter", "budget": 64, "recent": 16},
+        {"name": "quant", "bits": 2},
+    ],
+    ids=lambda s: s["name"],
+)
+def test_prefill_then_decode_bytes_match_prediction(smol, spec):
+    """Prefill 200 tokens, decode 7 more: nbytes equals predicted_kv_bytes(200, decoded=7) exactly."""
+    plan = uniform_plan(smol.model, spec, context=512)
+    cache = plan.make_cache(smol.model)
+    ids = torch.randint(100, 5000, (1, 200), generator=torch.Generator().manual_seed(3))
+    out = smol.model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    decoded = out.shape[1] - ids.shape[1] - 1  # the last sampled token is never fed back
+    assert cache.get_seq_length() == 200 + decoded
+    assert cache.nbytes() == plan.predicted_kv_bytes(200, decoded=decoded)
