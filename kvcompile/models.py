@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,8 @@ def _load_smollm2(dtype: torch.dtype, attn: str) -> Loaded:
         loaded.tokenizer.save_pretrained(tmp)
         try:
             os.replace(tmp, copy)  # atomic: a concurrent loader either sees the whole copy or none
-        except OSError:
-            pass  # another process won the race; its copy is equivalent
+        except OSError:  # another process won the race; its copy is equivalent
+            shutil.rmtree(tmp, ignore_errors=True)
     loaded = _load_hf_dir(copy, dtype, attn)
     loaded.name = EMBEDDED_DEFAULT
     return loaded
