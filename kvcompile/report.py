@@ -8,11 +8,12 @@ function with that signature here or in your own module and append it to ``SECTI
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .ir import dtype_bytes
 from .plan import Plan
+from .strategies import Strategy
 from .targets import Target, load_target
 
 
@@ -67,11 +68,14 @@ def header(plan: Plan, view: View) -> str:
 
 
 def layer_table(plan: Plan, view: View) -> str:
-    """Per layer and KV head: strategy label and bytes at context, one sub-row per distinct strategy
-    of a layer (its heads listed as ranges). Runs of identical consecutive layers are merged."""
+    """Per layer and KV head: strategy short label and bytes at context, one sub-row per distinct
+    strategy of a layer (its heads listed as ranges). Runs of identical consecutive layers are merged.
+    A legend below the table gives each short label's full ``label()``."""
     strategies = plan.strategies()
+    short = short_names(s for row in strategies for s in row)
     per_head = head_bytes(plan, view)
     rows: list[tuple[str, str, str, str]] = []
+    wl = max(len(v) for v in short.values())
     i, n = 0, len(plan.layers)
     while i < n:
         key = _layer_key(plan, strategies, i)
@@ -87,7 +91,7 @@ def layer_table(plan: Plan, view: View) -> str:
             groups.setdefault(strat.label(), []).append(h)
         for g, (label, heads) in enumerate(groups.items()):
             each = fmt_bytes(per_head[i][heads[0]]) + (" each" if len(heads) > 1 else "")
-            cell = f"{_ranges(heads):<9} {label}  {each}"
+            cell = f"{_ranges(heads):<9} {short[label]:<{wl}}  {each}"
             rows.append((layers, window, cell, total) if g == 0 else ("", "", cell, ""))
         i = j + 1
     title = "KV heads: strategy, bytes at context"
@@ -97,7 +101,26 @@ def layer_table(plan: Plan, view: View) -> str:
     lines = [f"{'layer':>{w0}}  {'window':>{w1}}  {title:<{w2}}  bytes"]
     lines.append("-" * (len(lines[0]) + 8))
     lines += [f"{a:>{w0}}  {b:>{w1}}  {c:<{w2}}  {d}".rstrip() for a, b, c, d in rows]
+    lines.append("")
+    lines.append("strategies:")
+    ws = max(len(v) for v in short.values())
+    lines += [f"  {v:<{ws}}  {k}" for k, v in short.items()]
     return "\n".join(lines)
+
+
+def short_names(strategies: Iterable[Strategy]) -> dict[str, str]:
+    """Full ``label()`` -> ``short_label()`` for each distinct strategy, in first-seen order. Short
+    labels that two different strategies share get ``#2``, ``#3`` ... so the legend stays one-to-one."""
+    out: dict[str, str] = {}
+    taken: dict[str, int] = {}
+    for s in strategies:
+        full = s.label()
+        if full in out:
+            continue
+        base = s.short_label()
+        taken[base] = taken.get(base, 0) + 1
+        out[full] = base if taken[base] == 1 else f"{base}#{taken[base]}"
+    return out
 
 
 def _ranges(heads: list[int]) -> str:
@@ -249,11 +272,13 @@ def heatmap(plan: Plan, path: str, context: int | None = None, batch: int | None
     ]
     width = max(len(r) for r in ratio)
     grid = [r + [float("nan")] * (width - len(r)) for r in ratio]
-    fig, ax = plt.subplots(figsize=(2 + 0.4 * width, 1.5 + 0.12 * len(grid)))
+    # at least 4.5 in wide: the two-line title must fit above a 3-KV-head grid
+    fig, ax = plt.subplots(figsize=(max(4.5, 2 + 0.4 * width), 1.5 + 0.12 * len(grid)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1.0, max(max(r) for r in ratio)))
+    ax.set_xticks(range(width))
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{plan.model.name}: KV bytes / full at {view.context} tokens")
+    ax.set_title(f"{plan.model.name}\nKV bytes / full at {view.context} tokens", fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -307,7 +332,8 @@ def head_roles(plan: Plan, view: View) -> str | None:
         return None
     roles = ["".join(head_role(h) for h in lp.heads) for lp in plan.layers]
     counts = {r: sum(x.count(r) for x in roles) for r in "RKS"}
-    lines = [f"head roles  R {counts['R']}  K {counts['K']}  S {counts['S']}   ({ROLE_LEGEND})"]
+    lines = [f"head roles  R {counts['R']}  K {counts['K']}  S {counts['S']}"]
+    lines += [f"  {part.strip()}" for part in ROLE_LEGEND.split(";")]
     for start in range(0, len(roles), 10):
         chunk = roles[start : start + 10]
         lines.append(f"  layers {start:>3}-{start + len(chunk) - 1:<3} " + " ".join(chunk))
@@ -347,9 +373,10 @@ def strategy_heatmap(plan: Plan, path: str) -> str:
             ax.text(j, i, head_role(h), ha="center", va="center", fontsize=6, color="white")
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(index[n])) for n in names]
     ax.legend(handles, names, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+    ax.set_xticks(range(width))
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{plan.model.name}: strategy per head (R/K/S roles)", fontsize=9)
+    ax.set_title(f"{plan.model.name}\nstrategy per head (R/K/S roles)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -141,5 +141,42 @@ def test_inspect_mixed_layer_rows(plan70b):
     assert "h0-h1,h6" in row[0] and f"{fmt_bytes(fp8_bytes)} each" in row[0]
     assert f"{fmt_bytes(3 * fp8_bytes + 5 * q4_bytes)}" in row[0]
     q_row = text.splitlines()[text.splitlines().index(row[0]) + 1]
-    assert "h2-h5,h7" in q_row and from_spec(q4).label() in q_row and f"{fmt_bytes(q4_bytes)} each" in q_row
+    assert "h2-h5,h7" in q_row and from_spec(q4).short_label() in q_row and f"{fmt_bytes(q4_bytes)} each" in q_row
+    assert f"  {from_spec(q4).short_label()}  {from_spec(q4).label()}" in text  # the legend gives the full label
     assert " 2-79 " in text  # the identical full layers after it are merged
+
+
+def test_inspect_table_narrow_with_compositions():
+    """A calibrated-style plan (compositions, quant, selection per head) renders a layer table of at most
+    120 columns; every distinct strategy appears once in the legend under its short label."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvcompile.report import View, layer_table
+    from kvcompile.runtime import plan_for
+    from kvcompile.strategies import Compose, HeavyHitter, MiKV, Quant, SinkWindow, SnapKV, ThinK, from_spec
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=8192)
+    model = LlamaForCausalLM(cfg).eval()
+    menu = [
+        Compose(select=SnapKV(budget=2016, obs_window=32), quant=Quant(bits=4)),
+        Compose(select=SinkWindow(sinks=4, window=2044), quant=Quant(bits=4)),
+        Quant(bits=4),
+        Compose(select=SnapKV(budget=992, obs_window=32), quant=Quant(bits=8)),
+        MiKV(select=HeavyHitter(budget=992, recent=496), low_bits=2),
+        ThinK(keep_ratio=0.5),
+        {"name": "fp8"},
+    ]
+    plan = plan_for(model, lambda layer, h: menu[(layer * 3 + h) % len(menu)], 4096, name="tiny-llama")
+    text = layer_table(plan, View.of(plan))
+    table, legend = text.split("\nstrategies:\n")
+    assert max(len(ln) for ln in table.splitlines()) <= 120, table
+    assert max(len(from_spec(s).label() if isinstance(s, dict) else s.label()) for s in menu) > 120  # long labels
+    entries = [ln.split(None, 1) for ln in legend.splitlines()]
+    assert len(entries) == len(menu)
+    for strat in menu:
+        st = from_spec(strat) if isinstance(strat, dict) else strat
+        assert [st.short_label(), st.label()] in entries
+    assert "snapkv:2016+q4" in table and "sink4+win2044+q4" in table and "mikv(h2o:992,lo2)" in table

@@ -72,6 +72,20 @@ class Strategy(ABC):
         params = ",".join(f"{n}={v.label() if isinstance(v, Strategy) else v}" for n, v in vals)
         return f"{self.name}({params})" if params else self.name
 
+    def short_label(self) -> str:
+        """Compact label for tables (``snapkv:2016+q4``, ``q4/g32``); ``label()`` is the exact one.
+
+        Default: the name, then the values of the fields that differ from their defaults. Two
+        different strategies may share a short label; tables that use it print a legend.
+        """
+        changed = [
+            getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default
+        ]
+        vals = ",".join(v.short_label() if isinstance(v, Strategy) else str(v) for v in changed)
+        return f"{self.name}:{vals}" if vals else self.name
+
     def kernel_format(self) -> str:
         """Name of the storage format for kernel selection (overridden by strategies with kernels)."""
         return self.name

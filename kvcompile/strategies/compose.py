@@ -58,6 +58,9 @@ class Compose(Strategy):
         self.select.validate_for(head_dim=head_dim, context=context)
         self.quant.validate_for(head_dim=head_dim)
 
+    def short_label(self) -> str:
+        return f"{self.select.short_label()}+{self.quant.short_suffix()}"
+
     def _bytes(self, kept: int, head_dim: int, dtype_bytes: int) -> int:
         return self.quant.bytes_for(kept, head_dim, dtype_bytes) + POS_BYTES * kept
 
@@ -134,6 +137,10 @@ class MiKV(Strategy):
         _check_select(self.select, "mikv")
         check_range("low_bits", self.low_bits, allowed=(8, 4, 2))
         check_range("group", self.group, lo=1, hi=1 << 16)
+
+    def short_label(self) -> str:
+        g = "" if self.group == 32 else f"/g{self.group}"
+        return f"mikv({self.select.short_label()},lo{self.low_bits}{g})"
 
     def low(self) -> Quant:
         """The quantizer of evicted tokens."""

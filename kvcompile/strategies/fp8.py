@@ -33,6 +33,9 @@ class FP8(Strategy):
     def check(self) -> None:
         check_range("headroom", self.headroom, lo=1.0, hi=1e4)
 
+    def short_label(self) -> str:
+        return "fp8" if self.headroom == 1.0 else f"fp8:x{self.headroom:g}"
+
     def bytes_for(self, tokens: int, head_dim: int, dtype_bytes: int) -> int:
         return 2 * tokens * head_dim + (8 if tokens > 0 else 0)  # e4m3 codes + two float32 scales
 

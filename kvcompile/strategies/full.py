@@ -27,6 +27,9 @@ class Full(Strategy):
     def check(self) -> None:
         check_range("dtype", self.dtype, allowed=tuple(_STORAGE))
 
+    def short_label(self) -> str:
+        return "full" if self.dtype == "model" else f"full:{self.dtype}"
+
     def storage_bytes(self, dtype_bytes: int) -> int:
         t = _STORAGE[self.dtype]
         return dtype_bytes if t is None else t.itemsize

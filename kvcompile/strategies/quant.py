@@ -45,6 +45,18 @@ class Quant(Strategy):
         if self.v_group is not None:
             check_range("v_group", self.v_group, lo=1, hi=1 << 16)
 
+    def short_label(self) -> str:
+        """``q4/g32`` (+ ``/r<R>`` when the residual is not ``group``, ``/vg<n>`` for value groups)."""
+        return f"q{self.bits}/g{self.group}{self._extras()}"
+
+    def short_suffix(self) -> str:
+        """The part a composition appends: ``q4`` at the default group of 32, else as ``short_label``."""
+        return f"q{self.bits}{self._extras()}" if self.group == 32 else self.short_label()
+
+    def _extras(self) -> str:
+        r = "" if self.r == self.group else f"/r{self.r}"
+        return r + ("" if self.v_group is None else f"/vg{self.v_group}")
+
     def validate_for(self, *, head_dim: int, context: int | None = None) -> None:
         ppb = 8 // self.bits
         if head_dim % ppb:

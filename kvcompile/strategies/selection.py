@@ -40,6 +40,9 @@ class SinkWindow(Selection):
         check_range("sinks", self.sinks, lo=0, hi=1 << 20)
         check_range("window", self.window, lo=1, hi=1 << 24)
 
+    def short_label(self) -> str:
+        return f"sink{self.sinks}+win{self.window}"
+
     def cap(self) -> int:
         return self.sinks + self.window
 
@@ -73,6 +76,9 @@ class HeavyHitter(Selection):
     def check(self) -> None:
         check_range("budget", self.budget, lo=1, hi=1 << 24)
         check_range("recent", self.recent, lo=0, hi=self.budget)
+
+    def short_label(self) -> str:
+        return f"h2o:{self.budget}" + ("" if self.recent == self.budget // 2 else f"/r{self.recent}")
 
     def cap(self) -> int:
         return self.budget
@@ -118,6 +124,13 @@ class SnapKV(Selection):
             raise ValueError(f"pool_kernel={self.pool_kernel} must be odd")
         if self.decode_window is not None:
             check_range("decode_window", self.decode_window, lo=1, hi=1 << 24)
+
+    def short_label(self) -> str:
+        """``snapkv:<budget>``; a non-default observation window, pool kernel or decode window is appended."""
+        extra = "" if self.obs_window == 32 else f"/obs{self.obs_window}"
+        extra += "" if self.pool_kernel == 7 else f"/pool{self.pool_kernel}"
+        extra += "" if self.decode_window is None else f"/dw{self.decode_window}"
+        return f"snapkv:{self.budget}{extra}"
 
     def cap(self) -> int:
         return self.budget + self.obs_window

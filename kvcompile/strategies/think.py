@@ -35,6 +35,9 @@ class ThinK(Strategy):
             raise ValueError(f"keep_ratio={self.keep_ratio!r} must be in (0, 1]")
         check_range("obs_window", self.obs_window, lo=1, hi=1 << 16)
 
+    def short_label(self) -> str:
+        return f"think:{self.keep_ratio:g}" + ("" if self.obs_window == 32 else f"/obs{self.obs_window}")
+
     def kept_channels(self, head_dim: int) -> int:
         return max(1, math.ceil(self.keep_ratio * head_dim - 1e-9))
 
