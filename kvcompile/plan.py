@@ -19,14 +19,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .strategies import Strategy, from_spec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 
 class PlanError(ValueError):
@@ -65,7 +65,7 @@ class PlanConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     context: int = Field(4096, gt=0)
     batch: int = Field(1, gt=0)
-    kv_budget: float | None = Field(None, description="fraction of full bf16 KV bytes, or None")
+    kv_budget: float | None = Field(default=None, description="fraction of full bf16 KV bytes, or None")
     kv_budget_bytes: int | None = None
     latency_budget_s: float | None = None
     tolerance: float | None = None

@@ -22,7 +22,7 @@ of every row must be a real token, which holds for left-padded batches and for g
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -101,11 +101,13 @@ def attend_layer(
     if layer.backend != "torch" or is_attached(layer):  # the schedule interpreter (codegen kernels)
         return run_layer(layer, q, k, v, valid, scale)
     index = layer.index(q.device)
-    if len(layer.stores) == 1 and index[0] is None:
-        return _run_group(layer.stores[0], q, k, v, valid, scale, layer.backend)
+    stores = cast("list[Store]", layer.stores)  # allocated by the layer's update(), which runs first
+    if len(stores) == 1 and index[0] is None:
+        return _run_group(stores[0], q, k, v, valid, scale, layer.backend)
     B, _, T, _ = q.shape
     out = q.new_empty(B, q.shape[1], T, v.shape[-1])
-    for store, (kv_idx, q_idx) in zip(layer.stores, index, strict=True):
+    pairs = cast("list[tuple[torch.Tensor, torch.Tensor]]", index)  # several groups: none is whole-layer
+    for store, (kv_idx, q_idx) in zip(stores, pairs, strict=True):
         o = _run_group(
             store,
             q.index_select(1, q_idx),

@@ -26,7 +26,7 @@ import json
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -180,6 +180,10 @@ class KVCompileCache(Cache):
     >>> cache.nbytes(), cache.layer_bytes()[0]                               # doctest: +SKIP
     """
 
+    layers: list[KVCompileLayer]  # type: ignore[assignment]  # Cache types it as a union of its own layers
+    previous_attn_implementation: str  # set by make_cache: the model's attention setting before it
+    plan_shard: Any  # set by make_rank_cache: the rank's sub-plan (a Plan)
+
     def __init__(
         self,
         strategies: Sequence[Sequence[Strategy]],
@@ -190,7 +194,7 @@ class KVCompileCache(Cache):
         notes: Sequence[str] = (),
     ) -> None:
         layers = [KVCompileLayer(i, row, head_dim, gqa, backend) for i, row in enumerate(strategies)]
-        super().__init__(layers=layers)
+        super().__init__(layers=cast(list[Any], layers))
         self.backend = backend
         self.notes = list(notes)
 
@@ -202,7 +206,7 @@ class KVCompileCache(Cache):
         """Per layer: ``{"layer", "bytes", "groups": [{"strategy", "kv_heads", "bytes"}]}`` (JSON-able)."""
         out = []
         for layer in self.layers:
-            groups = [
+            groups: list[dict[str, Any]] = [
                 {
                     "strategy": g.strategy.label(),
                     "kv_heads": list(g.kv_heads),

@@ -33,11 +33,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ..plan import LayerPlan, Plan, PlanError, SiteRef
+from ..strategies import Store
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import KVCompileCache, KVCompileLayer
 from .validate import check_plan
@@ -122,17 +123,19 @@ class HostTierLayer(KVCompileLayer):
 
     def fetch(self) -> None:
         """Copy the host-tier stores to the compute device (before this layer's attention)."""
+        stores = cast("list[Store]", self.stores)  # allocated at the layer's first update()
         for i in self.host_groups:
-            self.bytes_to_device += self.stores[i].nbytes()
-            _move(self.stores[i], self.device)
+            self.bytes_to_device += stores[i].nbytes()
+            _move(stores[i], self.device)
         self.staged = True
 
     def evict(self) -> None:
         """Copy them back into the host pool (after this layer's attention)."""
         if self.staged:
+            stores = cast("list[Store]", self.stores)
             for i in self.host_groups:
-                self.bytes_to_host += self.stores[i].nbytes()
-                _move(self.stores[i], self.host_device)
+                self.bytes_to_host += stores[i].nbytes()
+                _move(stores[i], self.host_device)
             self.staged = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -165,7 +168,7 @@ class TieredCache(KVCompileCache):
         """Bytes currently held in the host pool."""
         self.evict_staged()
         return sum(
-            self.layers[la.layer_idx].stores[i].nbytes()
+            self.layers[la.layer_idx].stores[i].nbytes()  # type: ignore[index,misc]  # la.stores is not None
             for la in self.layers
             if isinstance(la, HostTierLayer) and la.stores
             for i in la.host_groups
@@ -213,7 +216,7 @@ def make_rank_cache(
                 g for g, grp in enumerate(layer.groups) if all((i, mine[h]) in hosted for h in grp.kv_heads)
             ]
             if groups:
-                cache.layers[i] = HostTierLayer(layer, groups, pool, cache)
+                cache.layers[i] = HostTierLayer(layer, groups, pool, cast(TieredCache, cache))
     return cache
 
 
