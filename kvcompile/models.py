@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -117,14 +117,15 @@ def _load_smollm2(dtype: torch.dtype, attn: str) -> Loaded:
     copy = cache_dir() / "models" / f"smollm2-135m-{key}"
     if not (copy / "config.json").is_file():
         loaded = _load_gguf(gguf, torch.float32, attn)
+        hf: Any = loaded.model  # a transformers PreTrainedModel (typed as nn.Module in Loaded)
         # the GGUF weights are de-quantized to fp32 on load; drop the quantizer so they save as-is
-        loaded.model.hf_quantizer = None
-        if hasattr(loaded.model.config, "quantization_config"):
-            del loaded.model.config.quantization_config
+        hf.hf_quantizer = None
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
         copy.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=copy.parent, prefix=".tmp-"))
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+        hf.save_pretrained(tmp)
+        cast(Any, loaded.tokenizer).save_pretrained(tmp)  # the GGUF loader always returns a tokenizer
         try:
             os.replace(tmp, copy)  # atomic: a concurrent loader either sees the whole copy or none
         except OSError:  # another process won the race; its copy is equivalent
@@ -168,7 +169,7 @@ def _config_dtype(raw: dict[str, Any]) -> torch.dtype:
 def fingerprint(model: torch.nn.Module) -> str:
     """Stable id of a model: its config, plus a digest of a few weight tensors when they are real."""
     h = hashlib.sha256()
-    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    cfg = cast(Any, model).config.to_dict() if hasattr(model, "config") else {}
     for k in ("_name_or_path", "transformers_version", "quantization_config", "_commit_hash"):
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())

@@ -208,7 +208,7 @@ def render_placement(plan: Plan, view: View | None = None) -> str | None:
         return None
     g = pl["per_gpu"]
     bd = pl.get("time_breakdown_s", {})
-    where = []  # consecutive layers with the same placement pattern
+    where: list[tuple[list[int], str]] = []  # consecutive layers with the same placement pattern
     for row in pl["placement"]:
         kinds = {grp["where"] for grp in row["groups"]}
         pat = kinds.pop() if len(kinds) == 1 else "mixed (" + ", ".join(
@@ -364,7 +364,7 @@ def strategy_heatmap(plan: Plan, path: str) -> str:
     names = sorted({f for row in fams for f in row})
     index = {n: i for i, n in enumerate(names)}
     grid = [[index[f] for f in row] for row in fams]
-    cmap = ListedColormap(plt.get_cmap("tab20").colors[: max(len(names), 1)])
+    cmap = ListedColormap(plt.get_cmap("tab20").colors[: max(len(names), 1)])  # type: ignore[attr-defined]
     width = max(len(r) for r in grid)
     fig, ax = plt.subplots(figsize=(4 + 0.5 * width, 1.5 + 0.14 * len(grid)))
     ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")

@@ -414,7 +414,7 @@ def solve_parallel(p: ParallelProblem) -> ParallelSolution:
             if cands
             else f"no valid TP degree for {p.gpus} GPUs, {p.num_q_heads} q / {p.num_kv_heads} KV heads"
         )
-    summary = tuple(
+    summary: tuple[dict[str, Any], ...] = tuple(
         {
             k: c[k]
             for k in (

@@ -127,7 +127,7 @@ class Model:
     host: dict[tuple[int, int], cp_model.IntVar]
     step: cp_model.LinearExpr
     hbm_used: list[cp_model.LinearExpr]
-    host_used: cp_model.LinearExpr
+    host_used: cp_model.LinearExpr | int  # sum() over no host-placeable group is the int 0
 
     @property
     def tp(self) -> int:
