@@ -22,14 +22,13 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import os
 import sys
-import tempfile
 import textwrap
 import threading
 from pathlib import Path
 from types import ModuleType
 
+from .._io import write_atomic
 from ..models import cache_dir
 from ..plan import PlanError
 from . import _common, decode_compact, decode_mixed, decode_quant, quant_append
@@ -87,19 +86,6 @@ def kernel_dir() -> Path:
     return cache_dir() / "kernels"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _valid_file(path: Path, digest: str) -> bool:
     try:
         return sha256(path.read_text()) == digest
@@ -128,7 +114,7 @@ def load_source(uri: str, source: str, expected_sha256: str | None = None) -> Mo
                 fcntl.flock(lock_file, fcntl.LOCK_EX)
                 try:
                     if not _valid_file(path, digest):  # re-check, then build
-                        _write_atomic(path, source)
+                        write_atomic(path, source)
                 finally:
                     fcntl.flock(lock_file, fcntl.LOCK_UN)
         module = _import(path, digest)  # load
