@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -100,12 +100,12 @@ def _new_cache(factory: CacheFactory, model: torch.nn.Module, tokens: int) -> An
     from transformers import DynamicCache
 
     cache = factory(model, tokens)
-    return DynamicCache(config=model.config) if cache is None else cache
+    return DynamicCache(config=cast(Any, model).config) if cache is None else cache
 
 
 def full_bytes_per_token(model: torch.nn.Module) -> int:
     """K+V bytes per token of an uncompressed cache in the model dtype (all layers, all KV heads)."""
-    cfg = model.config
+    cfg: Any = model.config
     q_heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or q_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
@@ -144,7 +144,7 @@ def continue_answer(
     """Greedy generation from the whole prompt on top of whatever ``cache`` already holds (only the
     tokens it has not seen are fed). Returns ``(decoded new text, tokens pushed through the cache)``."""
     ids = sample.ids.to(next(model.parameters()).device)
-    out = model.generate(
+    out = cast(Any, model).generate(
         ids,
         attention_mask=torch.ones_like(ids),
         past_key_values=cache,
