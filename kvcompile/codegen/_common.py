@@ -60,6 +60,50 @@ def _load_q(
 
 
 @triton.jit
+def _program_ids(H):
+    """Decode program ``(b * H + h, split)`` -> ``(pid, b, h, split)``; ``pid`` is the storage row."""
+    pid = tl.program_id(0)
+    return pid, pid // H, pid % H, tl.program_id(1)
+
+
+@triton.jit
+def _decode_init(
+    q_ptr,
+    lead_ptr,
+    b,
+    hq0,
+    Hq,
+    qk_scale,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    HAS_LEAD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Start of a decode program: ``(q, lead, m, lsum, acc)`` with ``q`` from :func:`_load_q`, ``lead`` =
+    ``lead[b]`` (0 without ``HAS_LEAD``) and the empty online-softmax state ``m = -inf``, ``lsum = 0``,
+    ``acc = 0``."""
+    q = _load_q(q_ptr, b, hq0, Hq, qk_scale, D, G, BLOCK_G, BLOCK_D)
+    if HAS_LEAD:  # noqa: SIM108 - constexpr branch: one side is compiled
+        lead = tl.load(lead_ptr + b)
+    else:
+        lead = 0
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    lsum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    return q, lead, m, lsum, acc
+
+
+@triton.jit
+def _split_range(n, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` of ``split`` over ``n`` keys: ``lo = split * C``, ``hi = min(lo + C, n)`` with
+    ``C = ceil(ceil(n / NUM_SPLITS) / BLOCK_N) * BLOCK_N``."""
+    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    return lo, tl.minimum(lo + chunk, n)
+
+
+@triton.jit
 def _dot(a, b):
     """``a @ b`` with float32 accumulation: exact fp32 products when ``a`` is float32, otherwise tensor-core
     products in ``a``'s dtype (``b`` is cast to it)."""
@@ -167,4 +211,15 @@ def _reduce_splits_kernel(
 
 
 # jit helpers in dependency order, for rendering kernel sources (see kvcompile.codegen.cache)
-COMMON_SOURCES = (_e4m3_to_f32, _load_q, _dot, _online_update, _store_partial, _finish, _reduce_splits_kernel)
+COMMON_SOURCES = (
+    _e4m3_to_f32,
+    _load_q,
+    _program_ids,
+    _decode_init,
+    _split_range,
+    _dot,
+    _online_update,
+    _store_partial,
+    _finish,
+    _reduce_splits_kernel,
+)

@@ -25,11 +25,13 @@ from ._common import (
     FMT_FP8,
     FMT_FULL,
     LOG2E,
+    _decode_init,
     _dot,
     _e4m3_to_f32,
     _finish,
-    _load_q,
     _online_update,
+    _program_ids,
+    _split_range,
 )
 from ._launch import (
     FLOAT_DTYPES,
@@ -130,26 +132,16 @@ def _decode_dense_kernel(
     Split s covers main keys [s*C, (s+1)*C) with C = ceil(ceil(N / NUM_SPLITS) / BLOCK_N) * BLOCK_N;
     the last split also covers the fp tail. Writes (m, lsum, acc) for :func:`_reduce_splits_kernel`.
     """
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // Hg
-    h = pid % Hg
-    q = _load_q(q_ptr, b, h * G, Hg * G, qk_scale, D, G, BLOCK_G, BLOCK_D)
-    if HAS_LEAD:  # noqa: SIM108 - constexpr branch: one side is compiled
-        lead = tl.load(lead_ptr + b)
-    else:
-        lead = 0
+    pid, b, h, split = _program_ids(Hg)
+    q, lead, m, lsum, acc = _decode_init(
+        q_ptr, lead_ptr, b, h * G, Hg * G, qk_scale, D, G, HAS_LEAD, BLOCK_G, BLOCK_D
+    )
     k_scale = 1.0
     v_scale = 1.0
     if FMT == 1:
         k_scale = tl.load(ks_ptr + pid)
         v_scale = tl.load(vs_ptr + pid)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    lsum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    chunk = tl.cdiv(tl.cdiv(N, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, N)
+    lo, hi = _split_range(N, split, NUM_SPLITS, BLOCK_N)
     m, lsum, acc = _dense_tokens(
         q,
         m,
@@ -277,21 +269,11 @@ def _decode_scored_kernel(
     """Decode attention over compacted storage + new tokens that also emits per-key scores
     ``s`` [B, Hg, G, N + Nt] (log2 domain); grid (B * Hg, NUM_SPLITS), split layout as
     :func:`_decode_dense_kernel`. New tokens are never masked."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // Hg
-    h = pid % Hg
-    q = _load_q(q_ptr, b, h * G, Hg * G, qk_scale, D, G, BLOCK_G, BLOCK_D)
-    if HAS_LEAD:  # noqa: SIM108 - constexpr branch: one side is compiled
-        lead = tl.load(lead_ptr + b)
-    else:
-        lead = 0
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    lsum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    chunk = tl.cdiv(tl.cdiv(N, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, N)
+    pid, b, h, split = _program_ids(Hg)
+    q, lead, m, lsum, acc = _decode_init(
+        q_ptr, lead_ptr, b, h * G, Hg * G, qk_scale, D, G, HAS_LEAD, BLOCK_G, BLOCK_D
+    )
+    lo, hi = _split_range(N, split, NUM_SPLITS, BLOCK_N)
     m, lsum, acc = _scored_tokens(
         q,
         m,

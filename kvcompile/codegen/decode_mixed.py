@@ -23,7 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FMT_COMPACT, FMT_FP8, FMT_FULL, FMT_QUANT, FORMAT_IDS, LOG2E, _finish, _load_q
+from ._common import (
+    FMT_COMPACT,
+    FMT_FP8,
+    FMT_FULL,
+    FMT_QUANT,
+    FORMAT_IDS,
+    LOG2E,
+    _decode_init,
+    _finish,
+    _program_ids,
+    _split_range,
+)
 from ._launch import (
     FLOAT_DTYPES,
     alloc_partials,
@@ -68,28 +79,18 @@ def _decode_mixed_kernel(
     main tokens [s*C, (s+1)*C), C = ceil(ceil(N[slot] / NUM_SPLITS) / BLOCK_N) * BLOCK_N, the last split
     also the slot's tail. Query rows h*G .. h*G+G-1; partial row (b * Hkv + h) * NUM_SPLITS + s.
     """
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // Hkv
-    h = pid % Hkv
+    _, b, h, split = _program_ids(Hkv)
+    q, lead, m, lsum, acc = _decode_init(
+        q_ptr, lead_ptr, b, h * G, Hkv * G, qk_scale, D, G, HAS_LEAD, BLOCK_G, BLOCK_D
+    )
     slot = tl.load(table_ptr + 2 * h)
     hg = tl.load(table_ptr + 2 * h + 1)
-    q = _load_q(q_ptr, b, h * G, Hkv * G, qk_scale, D, G, BLOCK_G, BLOCK_D)
-    if HAS_LEAD:  # noqa: SIM108 - constexpr branch: one side is compiled
-        lead = tl.load(lead_ptr + b)
-    else:
-        lead = 0
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    lsum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for i in tl.static_range(NUM_SLOTS):
         if slot == i:
             t = slots[i]
             base = b * ints[i][0] + hg
             n_main = ints[i][1]
-            chunk = tl.cdiv(tl.cdiv(n_main, NUM_SPLITS), BLOCK_N) * BLOCK_N
-            lo = split * chunk
-            hi = tl.minimum(lo + chunk, n_main)
+            lo, hi = _split_range(n_main, split, NUM_SPLITS, BLOCK_N)
             if SPEC[i][0] == 3:
                 m, lsum, acc = _quant_tokens(
                     q, m, lsum, acc, base, lo, hi, n_main, t[0], t[1], t[2], t[3], t[4], t[5], lead,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _dot, _finish, _load_q, _online_update
+from ._common import LOG2E, _decode_init, _dot, _finish, _online_update, _program_ids, _split_range
 from ._launch import (
     FLOAT_DTYPES,
     alloc_partials,
@@ -144,21 +144,11 @@ def _decode_quant_kernel(
     Split s covers codes [s*C, (s+1)*C), C = ceil(ceil(Nq / NUM_SPLITS) / BLOCK_N) * BLOCK_N; the last
     split also covers the tail (positions Nq + t). Writes (m, lsum, acc) for the split reduce.
     """
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // Hg
-    h = pid % Hg
-    q = _load_q(q_ptr, b, h * G, Hg * G, qk_scale, D, G, BLOCK_G, BLOCK_D)
-    if HAS_LEAD:  # noqa: SIM108 - constexpr branch: one side is compiled
-        lead = tl.load(lead_ptr + b)
-    else:
-        lead = 0
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    lsum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    chunk = tl.cdiv(tl.cdiv(Nq, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, Nq)
+    pid, b, h, split = _program_ids(Hg)
+    q, lead, m, lsum, acc = _decode_init(
+        q_ptr, lead_ptr, b, h * G, Hg * G, qk_scale, D, G, HAS_LEAD, BLOCK_G, BLOCK_D
+    )
+    lo, hi = _split_range(Nq, split, NUM_SPLITS, BLOCK_N)
     m, lsum, acc = _quant_tokens(
         q,
         m,
