@@ -143,48 +143,14 @@ def _decode_dense_kernel(
         v_scale = tl.load(vs_ptr + pid)
     lo, hi = _split_range(N, split, NUM_SPLITS, BLOCK_N)
     m, lsum, acc = _dense_tokens(
-        q,
-        m,
-        lsum,
-        acc,
-        pid,
-        lo,
-        hi,
-        N,
-        k_ptr,
-        v_ptr,
-        pos_ptr,
-        k_scale,
-        v_scale,
-        lead,
-        0,
-        FMT,
-        D,
-        BLOCK_N,
+        q, m, lsum, acc, pid, lo, hi, N, k_ptr, v_ptr, pos_ptr, k_scale, v_scale, lead, 0, FMT, D, BLOCK_N,
         BLOCK_D,
-    )
+    )  # fmt: skip
     if split == NUM_SPLITS - 1:
         m, lsum, acc = _dense_tokens(
-            q,
-            m,
-            lsum,
-            acc,
-            pid,
-            0,
-            Nt,
-            Nt,
-            kt_ptr,
-            vt_ptr,
-            pos_ptr,
-            1.0,
-            1.0,
-            lead,
-            tail_pos0,
-            0,
-            D,
-            BLOCK_N,
-            BLOCK_D,
-        )
+            q, m, lsum, acc, pid, 0, Nt, Nt, kt_ptr, vt_ptr, pos_ptr, 1.0, 1.0, lead, tail_pos0, 0, D,
+            BLOCK_N, BLOCK_D,
+        )  # fmt: skip
     _finish(m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hg, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS)
 
 
@@ -275,56 +241,14 @@ def _decode_scored_kernel(
     )
     lo, hi = _split_range(N, split, NUM_SPLITS, BLOCK_N)
     m, lsum, acc = _scored_tokens(
-        q,
-        m,
-        lsum,
-        acc,
-        pid,
-        lo,
-        hi,
-        N,
-        k_ptr,
-        v_ptr,
-        pos_ptr,
-        lead,
-        0,
-        s_ptr,
-        pid * G,
-        N + Nt,
-        0,
-        True,
-        D,
-        G,
-        BLOCK_G,
-        BLOCK_N,
-        BLOCK_D,
-    )
+        q, m, lsum, acc, pid, lo, hi, N, k_ptr, v_ptr, pos_ptr, lead, 0, s_ptr, pid * G, N + Nt, 0, True, D,
+        G, BLOCK_G, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
     if split == NUM_SPLITS - 1:
         m, lsum, acc = _scored_tokens(
-            q,
-            m,
-            lsum,
-            acc,
-            pid,
-            0,
-            Nt,
-            Nt,
-            kt_ptr,
-            vt_ptr,
-            pos_ptr,
-            lead,
-            1 << 40,
-            s_ptr,
-            pid * G,
-            N + Nt,
-            N,
-            False,
-            D,
-            G,
-            BLOCK_G,
-            BLOCK_N,
-            BLOCK_D,
-        )
+            q, m, lsum, acc, pid, 0, Nt, Nt, kt_ptr, vt_ptr, pos_ptr, lead, 1 << 40, s_ptr, pid * G, N + Nt,
+            N, False, D, G, BLOCK_G, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
     _finish(m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hg, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS)
 
 

@@ -150,50 +150,14 @@ def _decode_quant_kernel(
     )
     lo, hi = _split_range(Nq, split, NUM_SPLITS, BLOCK_N)
     m, lsum, acc = _quant_tokens(
-        q,
-        m,
-        lsum,
-        acc,
-        pid,
-        lo,
-        hi,
-        Nq,
-        kc_ptr,
-        ks_ptr,
-        kz_ptr,
-        vc_ptr,
-        vs_ptr,
-        vz_ptr,
-        lead,
-        D,
-        BITS,
-        GROUP,
-        V_GROUP,
-        BLOCK_N,
-        BLOCK_D,
-    )
+        q, m, lsum, acc, pid, lo, hi, Nq, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, lead, D, BITS,
+        GROUP, V_GROUP, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
     if split == NUM_SPLITS - 1:
         m, lsum, acc = _dense_tokens(
-            q,
-            m,
-            lsum,
-            acc,
-            pid,
-            0,
-            Nt,
-            Nt,
-            kt_ptr,
-            vt_ptr,
-            kt_ptr,
-            1.0,
-            1.0,
-            lead,
-            Nq,
-            0,
-            D,
-            BLOCK_N,
+            q, m, lsum, acc, pid, 0, Nt, Nt, kt_ptr, vt_ptr, kt_ptr, 1.0, 1.0, lead, Nq, 0, D, BLOCK_N,
             BLOCK_D,
-        )
+        )  # fmt: skip
     _finish(m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hg, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS)
 
 

@@ -34,6 +34,60 @@ def _quant_codes(x, mn, mx, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _group_tile(
+    x_ptr,
+    row,
+    grp,
+    n,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Tokens [grp*GROUP, (grp+1)*GROUP) of ``row`` of ``x`` [.., n, D] as a float32 tile
+    [BLOCK_T, BLOCK_B, 8/BITS] (channel = byte*ppb + j; 0 outside). Returns (x, tok, chan, mask)."""
+    PPB: tl.constexpr = 8 // BITS
+    ROW: tl.constexpr = D * BITS // 8
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_j = tl.arange(0, PPB)
+    tok = grp * GROUP + offs_t[:, None, None]
+    chan = offs_b[None, :, None] * PPB + offs_j[None, None, :]
+    mask = (offs_t[:, None, None] < GROUP) & (offs_b[None, :, None] < ROW)
+    x = tl.load(x_ptr + (row * n + tok) * D + chan, mask=mask, other=0.0).to(tl.float32)
+    return x, tok, chan, mask
+
+
+@triton.jit
+def _store_packed(
+    c_ptr,
+    code,
+    row,
+    grp,
+    n,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Pack a [BLOCK_T, BLOCK_B, 8/BITS] code tile along its last axis (``sum_j code << BITS*j``) and store
+    the bytes of tokens [grp*GROUP, (grp+1)*GROUP) of ``row`` into ``c`` [.., n, D*BITS/8]."""
+    ROW: tl.constexpr = D * BITS // 8
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_j = tl.arange(0, 8 // BITS)
+    packed = tl.sum(code << (offs_j * BITS)[None, None, :], 2)
+    byte_mask = (offs_t[:, None] < GROUP) & (offs_b[None, :] < ROW)
+    tl.store(
+        c_ptr + (row * n + grp * GROUP + offs_t[:, None]) * ROW + offs_b[None, :],
+        packed.to(tl.uint8),
+        mask=byte_mask,
+    )
+
+
+@triton.jit
 def _quant_keys_tile(
     k_ptr,
     kc_ptr,
@@ -54,15 +108,9 @@ def _quant_keys_tile(
 ):
     """Keys of tokens [grp*GROUP, (grp+1)*GROUP) of ``row``, per channel: min/max over the real tokens
     (cache slot ``start + t >= lead[b]``; no real token: scale = zero = 0), codes packed along channels."""
-    PPB: tl.constexpr = 8 // BITS
     ROW: tl.constexpr = D * BITS // 8
-    offs_t = tl.arange(0, BLOCK_T)
     offs_b = tl.arange(0, BLOCK_B)
-    offs_j = tl.arange(0, PPB)
-    tok = grp * GROUP + offs_t[:, None, None]
-    chan = offs_b[None, :, None] * PPB + offs_j[None, None, :]
-    mask = (offs_t[:, None, None] < GROUP) & (offs_b[None, :, None] < ROW)
-    x = tl.load(k_ptr + (row * n + tok) * D + chan, mask=mask, other=0.0).to(tl.float32)
+    x, tok, chan, mask = _group_tile(k_ptr, row, grp, n, D, BITS, GROUP, BLOCK_T, BLOCK_B)
     real = mask
     if HAS_LEAD:
         real = mask & (start + tok >= tl.load(lead_ptr + row // Hg))
@@ -74,13 +122,7 @@ def _quant_keys_tile(
     code, scale, zero = _quant_codes(
         x, tl.where(cmask, mn[None, :, :], 0.0), tl.where(cmask, mx[None, :, :], 0.0), (1 << BITS) - 1
     )
-    packed = tl.sum(code << (offs_j * BITS)[None, None, :], 2)
-    byte_mask = (offs_t[:, None] < GROUP) & (offs_b[None, :] < ROW)
-    tl.store(
-        kc_ptr + (row * n + grp * GROUP + offs_t[:, None]) * ROW + offs_b[None, :],
-        packed.to(tl.uint8),
-        mask=byte_mask,
-    )
+    _store_packed(kc_ptr, code, row, grp, n, D, BITS, GROUP, BLOCK_T, BLOCK_B)
     sz_off = (row * (n // GROUP) + grp) * D + chan
     tl.store(ks_ptr + sz_off, scale.to(tl.float16), mask=cmask & (chan < D))
     tl.store(kz_ptr + sz_off, zero.to(tl.float16), mask=cmask & (chan < D))
@@ -104,14 +146,8 @@ def _quant_values_tile(
 ):
     """Values of tokens [grp*GROUP, (grp+1)*GROUP) of ``row``, per token over V_GROUP channels."""
     PPB: tl.constexpr = 8 // BITS
-    ROW: tl.constexpr = D * BITS // 8
     offs_t = tl.arange(0, BLOCK_T)
-    offs_b = tl.arange(0, BLOCK_B)
-    offs_j = tl.arange(0, PPB)
-    tok = grp * GROUP + offs_t[:, None, None]
-    chan = offs_b[None, :, None] * PPB + offs_j[None, None, :]
-    mask = (offs_t[:, None, None] < GROUP) & (offs_b[None, :, None] < ROW)
-    x = tl.load(v_ptr + (row * n + tok) * D + chan, mask=mask, other=0.0).to(tl.float32)
+    x, _, chan, mask = _group_tile(v_ptr, row, grp, n, D, BITS, GROUP, BLOCK_T, BLOCK_B)
     mn = tl.zeros([BLOCK_T, BLOCK_B, PPB], tl.float32)
     mx = tl.zeros([BLOCK_T, BLOCK_B, PPB], tl.float32)
     for gi in tl.static_range(D // V_GROUP):
@@ -124,13 +160,7 @@ def _quant_values_tile(
         tl.store(vs_ptr + sz_off, ((g_mx - g_mn) / ((1 << BITS) - 1)).to(tl.float16), mask=offs_t < GROUP)
         tl.store(vz_ptr + sz_off, g_mn.to(tl.float16), mask=offs_t < GROUP)
     code, scale, zero = _quant_codes(x, mn, mx, (1 << BITS) - 1)
-    packed = tl.sum(code << (offs_j * BITS)[None, None, :], 2)
-    byte_mask = (offs_t[:, None] < GROUP) & (offs_b[None, :] < ROW)
-    tl.store(
-        vc_ptr + (row * n + grp * GROUP + offs_t[:, None]) * ROW + offs_b[None, :],
-        packed.to(tl.uint8),
-        mask=byte_mask,
-    )
+    _store_packed(vc_ptr, code, row, grp, n, D, BITS, GROUP, BLOCK_T, BLOCK_B)
 
 
 @triton.jit
@@ -163,30 +193,16 @@ def _quant_pack_kernel(
     grp = tl.program_id(1)
     if tl.program_id(2) == 0:
         _quant_keys_tile(
-            k_ptr,
-            kc_ptr,
-            ks_ptr,
-            kz_ptr,
-            lead_ptr,
-            row,
-            grp,
-            n,
-            start,
-            Hg,
-            D,
-            BITS,
-            GROUP,
-            HAS_LEAD,
-            BLOCK_T,
-            BLOCK_B,
-        )
+            k_ptr, kc_ptr, ks_ptr, kz_ptr, lead_ptr, row, grp, n, start, Hg, D, BITS, GROUP, HAS_LEAD,
+            BLOCK_T, BLOCK_B,
+        )  # fmt: skip
     else:
         _quant_values_tile(
             v_ptr, vc_ptr, vs_ptr, vz_ptr, row, grp, n, D, BITS, GROUP, V_GROUP, BLOCK_T, BLOCK_B
         )
 
 
-SOURCES = (_quant_codes, _quant_keys_tile, _quant_values_tile, _quant_pack_kernel)
+SOURCES = (_quant_codes, _group_tile, _store_packed, _quant_keys_tile, _quant_values_tile, _quant_pack_kernel)
 
 
 def quantize_append(
