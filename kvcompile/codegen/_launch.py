@@ -23,6 +23,16 @@ class DecodeSettings:
     num_splits: int
     num_warps: int
 
+    def launch_meta(self) -> dict[str, int]:
+        """The split-K decode kernels' tile constexprs and ``num_warps``, as launch keyword arguments."""
+        return dict(
+            BLOCK_G=self.block_g,
+            BLOCK_N=self.block_n,
+            BLOCK_D=self.block_d,
+            NUM_SPLITS=self.num_splits,
+            num_warps=self.num_warps,
+        )
+
 
 @functools.cache
 def _sm_count(index: int) -> int:

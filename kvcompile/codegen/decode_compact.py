@@ -287,8 +287,7 @@ def decode_compact_scored(
     main, red = kernels or (_decode_scored_kernel, None)
     main[(B * Hg, s.num_splits)](
         q3, k, v, pos, kt, vt, lead_t, scores, *parts, out, Hg, N, Nt, scale * LOG2E, D=D, G=G,
-        HAS_LEAD=has_lead, BLOCK_G=s.block_g, BLOCK_N=s.block_n, BLOCK_D=s.block_d, NUM_SPLITS=s.num_splits,
-        num_warps=s.num_warps,
+        HAS_LEAD=has_lead, **s.launch_meta(),
     )  # fmt: skip
     reduce_splits(parts, out, Hg, D, G, s, red)
     mass = torch.nan_to_num(torch.softmax(scores * LN2, dim=-1), nan=0.0).sum(dim=2)
@@ -370,11 +369,7 @@ def _decode_dense(
         D=D,
         G=G,
         HAS_LEAD=has_lead,
-        BLOCK_G=s.block_g,
-        BLOCK_N=s.block_n,
-        BLOCK_D=s.block_d,
-        NUM_SPLITS=s.num_splits,
-        num_warps=s.num_warps,
+        **s.launch_meta(),
     )
     reduce_splits(parts, out, Hg, D, G, s, red)
     return out[:, :, None] if four_d else out

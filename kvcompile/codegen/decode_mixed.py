@@ -239,8 +239,7 @@ def decode_mixed(
     main[(B * Hkv, s.num_splits)](
         q3, table, tuple(a[0] for a in args), tuple(a[1] for a in args), tuple(a[2] for a in args), lead_t,
         *parts, out, Hkv, scale * LOG2E, SPEC=tuple(g.spec for g in groups), NUM_SLOTS=len(groups), D=D, G=G,
-        HAS_LEAD=has_lead, BLOCK_G=s.block_g, BLOCK_N=s.block_n, BLOCK_D=s.block_d, NUM_SPLITS=s.num_splits,
-        num_warps=s.num_warps,
+        HAS_LEAD=has_lead, **s.launch_meta(),
     )  # fmt: skip
     reduce_splits(parts, out, Hkv, D, G, s, red)
     return out[:, :, None] if four_d else out

@@ -258,11 +258,7 @@ def decode_quant(
         GROUP=group,
         V_GROUP=v_group,
         HAS_LEAD=has_lead,
-        BLOCK_G=s.block_g,
-        BLOCK_N=s.block_n,
-        BLOCK_D=s.block_d,
-        NUM_SPLITS=s.num_splits,
-        num_warps=s.num_warps,
+        **s.launch_meta(),
     )
     reduce_splits(parts, out, Hg, D, G, s, red)
     return out[:, :, None] if four_d else out
