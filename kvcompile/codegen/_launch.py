@@ -122,6 +122,17 @@ def reduce_splits(
     return out
 
 
+def decode_buffers(q3: torch.Tensor, tokens: int, head_dim: int, gqa: int, batch: int, kv_heads: int,
+                   device: torch.device, num_splits: int | None = None):
+    """Settings for a decode launch over ``tokens`` keys, its output [B, Hq, D] and split partials.
+
+    Every decode launcher (dense, scored, quant, mixed) starts with these three steps in this order.
+    """
+    s = decode_settings(tokens, head_dim, gqa, batch * kv_heads, device, num_splits)
+    out = torch.empty(batch, q3.shape[1], head_dim, dtype=q3.dtype, device=device)
+    return s, out, alloc_partials(batch, kv_heads, s, device)
+
+
 def lead_arg(lead: torch.Tensor | None, batch: int, device: torch.device) -> tuple[torch.Tensor, bool]:
     """The ``lead`` [B] int64 tensor (leading padding per row) or a dummy, and whether it is present."""
     if lead is None:

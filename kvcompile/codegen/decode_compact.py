@@ -35,9 +35,8 @@ from ._common import (
 )
 from ._launch import (
     FLOAT_DTYPES,
-    alloc_partials,
     check_tensor,
-    decode_settings,
+    decode_buffers,
     lead_arg,
     reduce_splits,
     split_q,
@@ -280,9 +279,7 @@ def decode_compact_scored(
     lead_t, has_lead = lead_arg(lead, B, dev)
     kt, vt, Nt = tail_args(k_new, v_new, B, Hg, D, dev)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = decode_settings(N + Nt, D, G, B * Hg, dev, num_splits)
-    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
-    parts = alloc_partials(B, Hg, s, dev)
+    s, out, parts = decode_buffers(q3, N + Nt, D, G, B, Hg, dev, num_splits)
     scores = torch.empty(B, Hg, G, N + Nt, dtype=torch.float32, device=dev)
     main, red = kernels or (_decode_scored_kernel, None)
     main[(B * Hg, s.num_splits)](
@@ -344,9 +341,7 @@ def _decode_dense(
     kt, vt, Nt = tail_args(k_new, v_new, B, Hg, D, dev)
     if tail_pos0 is None:
         tail_pos0 = ALWAYS_VALID if fmt == FMT_COMPACT else N
-    s = decode_settings(N + Nt, D, G, B * Hg, dev, num_splits)
-    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
-    parts = alloc_partials(B, Hg, s, dev)
+    s, out, parts = decode_buffers(q3, N + Nt, D, G, B, Hg, dev, num_splits)
     main, red = kernels or (_decode_dense_kernel, None)
     main[(B * Hg, s.num_splits)](
         q3,

@@ -37,9 +37,8 @@ from ._common import (
 )
 from ._launch import (
     FLOAT_DTYPES,
-    alloc_partials,
     check_tensor,
-    decode_settings,
+    decode_buffers,
     lead_arg,
     reduce_splits,
     split_q,
@@ -231,9 +230,7 @@ def decode_mixed(
     args = [_slot_args(g, B, D, dev) for g in groups]
     lead_t, has_lead = lead_arg(lead, B, dev)
     longest = max(a[2][1] + a[2][2] for a in args)
-    s = decode_settings(longest, D, G, B * Hkv, dev, num_splits)
-    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
-    parts = alloc_partials(B, Hkv, s, dev)
+    s, out, parts = decode_buffers(q3, longest, D, G, B, Hkv, dev, num_splits)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     main, red = kernels or (_decode_mixed_kernel, None)
     main[(B * Hkv, s.num_splits)](

@@ -21,9 +21,8 @@ import triton.language as tl
 from ._common import LOG2E, _decode_init, _dot, _finish, _online_update, _program_ids, _split_range
 from ._launch import (
     FLOAT_DTYPES,
-    alloc_partials,
     check_tensor,
-    decode_settings,
+    decode_buffers,
     lead_arg,
     reduce_splits,
     split_q,
@@ -231,9 +230,7 @@ def decode_quant(
     lead_t, has_lead = lead_arg(lead, B, dev)
     kt, vt, Nt = tail_args(k_tail, v_tail, B, Hg, D, dev)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = decode_settings(Nq + Nt, D, G, B * Hg, dev, num_splits)
-    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
-    parts = alloc_partials(B, Hg, s, dev)
+    s, out, parts = decode_buffers(q3, Nq + Nt, D, G, B, Hg, dev, num_splits)
     main, red = kernels or (_decode_quant_kernel, None)
     main[(B * Hg, s.num_splits)](
         q3,
