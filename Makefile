@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/kvcompile compile smollm2-135m --target h100 --context 4096 --kv-budget 0.25 -o out/smollm2.kvplan
 	$(VENV)/bin/kvcompile inspect out/smollm2.kvplan --heatmap out/smollm2-heatmap.png
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra
 
 lint: $(VENV)/.installed
