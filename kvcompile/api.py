@@ -47,6 +47,7 @@ def optimize(
     calibration: str | None = None,
     gpus: int | None = None,
     progress: bool = True,
+    tokenizer: Any = None,
     **options: Any,
 ) -> Plan:
     """Compile ``model`` for ``target`` into a sealed :class:`~kvcompile.plan.Plan`.
@@ -62,6 +63,10 @@ def optimize(
     latency_budget_s, tolerance, objective, calibration : planner settings (see passes/README.md).
     gpus : GPUs in the node (overrides ``NAME:N``).
     progress : print one line per stage on stderr.
+    tokenizer : the model's tokenizer (calibration and verification need one). When omitted it is
+        found from a :class:`Loaded`, the GGUF file ``models.load`` read, or ``config._name_or_path``
+        when that is a local directory. A real-weights model with a budget and no tokenizer raises,
+        unless ``damage="priors"`` is passed (the plan then says it is unverified).
     options : extra pass options, passed through ``PassContext.options``.
 
     Raises
@@ -99,6 +104,11 @@ def optimize(
         raise ValueError(f"kv_budget_bytes={kv_budget_bytes!r} must be positive")
 
     loaded = _resolve_model(model)
+    if tokenizer is not None:
+        loaded = Loaded(loaded.model, tokenizer, loaded.name)
+    elif loaded.tokenizer is None:
+        loaded = Loaded(loaded.model, find_tokenizer(loaded.model), loaded.name)
+    _check_damage_source(loaded, config, options)
     say(f"model {loaded.name}")
     program = capture(loaded.model, name=loaded.name)
     say(f"captured {program.num_layers} attention sites ({program.model.arch}, {program.model.dtype})")
@@ -204,6 +214,50 @@ def _resolve_model(model: torch.nn.Module | str) -> Loaded:
     cfg = getattr(model, "config", None)
     name = (getattr(cfg, "name_or_path", "") or getattr(cfg, "model_type", "")) if cfg else ""
     return Loaded(model, None, name or type(model).__name__)
+
+
+def find_tokenizer(model: torch.nn.Module) -> Any | None:
+    """The tokenizer a real-weights model came with, or None: the GGUF file ``models.load`` recorded
+    (``model.kvcompile_source``), else ``config._name_or_path`` / ``model.name_or_path`` when it is a
+    local directory holding tokenizer files (or exactly one ``.gguf``)."""
+    from pathlib import Path
+
+    src = getattr(model, "kvcompile_source", None)
+    cfg = getattr(model, "config", None)
+    paths = [src, getattr(cfg, "_name_or_path", None), getattr(model, "name_or_path", None)]
+    for p in filter(None, paths):
+        path = Path(str(p))
+        try:
+            from transformers import AutoTokenizer
+
+            if path.suffix == ".gguf" and path.is_file():
+                return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            if not path.is_dir():
+                continue
+            if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+                return AutoTokenizer.from_pretrained(str(path))
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return AutoTokenizer.from_pretrained(str(path), gguf_file=ggufs[0].name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _check_damage_source(loaded: Loaded, config: PlanConfig, options: dict[str, Any]) -> None:
+    """A budget on a real-weights model needs measured damage, hence a tokenizer; never fall back silently."""
+    from .passes.candidates import needs_solve
+
+    damage = options.get("damage")
+    if damage not in (None, "priors", "calibration"):
+        raise ValueError(f"damage={damage!r} must be 'calibration' (default) or 'priors'")
+    on_meta = any(p.is_meta for p in loaded.model.parameters())
+    if on_meta or damage == "priors" or not needs_solve(config) or loaded.tokenizer is not None:
+        return
+    raise ValueError(
+        f"model {loaded.name!r} has real weights but no tokenizer was found, so the budget's damage cannot be "
+        "calibrated: pass tokenizer=... (or damage='priors' for an unverified plan from literature priors)"
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -102,6 +102,8 @@ def _compile(args: argparse.Namespace) -> int:
         f"({pr['kv_bytes_at_context'] / pr['full_kv_bytes_at_context']:.3f} x full)"
     )
     print(f"wrote    {out} (hash {plan.content_hash[:12]}) in {dt:.1f} s")
+    if pr.get("damage_source") == "priors":
+        print("UNVERIFIED: strategies chosen from literature priors, not measured on this model")
     return 0
 
 

@@ -93,6 +93,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str) -> Loaded:
         str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation=attn
     )
     model.eval()
+    model.kvcompile_source = str(path)  # api.find_tokenizer: the GGUF this module came from
     return Loaded(model, tok, path.stem)
 
 

@@ -402,8 +402,10 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
              for _ in range(s.num_kv_heads)]
             for s in program.sites
         ]
-        notes.append("damage from literature priors per strategy family (no calibration: model has no real "
-                     "weights or damage='priors'); predicted quality is not measured")
+        why = "damage='priors' was requested" if model is not None and not program.model.on_meta else \
+            "the model has no real weights"
+        notes.append(f"UNVERIFIED plan: strategies were chosen from literature priors, not measured on this "
+                     f"model ({why}); its quality is unknown")
         damage = {"source": "priors", "values": values, "layer_weight": weights}
         return program.with_facts(damage=damage, notes=notes)
     data = run_calibration(
