@@ -16,94 +16,141 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
-from ._io import write_atomic
+from ._io import JsonInputError, check_json_shape, read_json_strict, write_atomic
 from .strategies import Strategy, from_spec
 
 SCHEMA_VERSION: Final = 1
+
+# Hard limits on what a plan may hold. A plan comes from anywhere; every size the runtime or a report
+# allocates or loops over is bounded here, far above any real model (Llama-3-405B: 126 layers, 8 KV
+# heads, head_dim 128; a 70B plan with its schedule and kernels is ~130 KB).
+MAX_PLAN_BYTES: Final = 64 << 20
+MAX_JSON_DEPTH: Final = 24
+MAX_JSON_NODES: Final = 4_000_000
+MAX_LAYERS: Final = 1024
+MAX_HEADS: Final = 4096  # query heads of a layer (KV heads <= query heads)
+MAX_HEAD_DIM: Final = 4096
+MAX_CONTEXT: Final = 1 << 24  # 16.7M tokens per sequence
+MAX_BATCH: Final = 1 << 20
+MAX_GPUS: Final = 64  # as targets.Target.gpus
+MAX_NAME: Final = 512
+MAX_NOTE: Final = 1 << 16
+# planner objectives: "min-damage" (the head-strategy solve) and the placement solve's three
+OBJECTIVES: Final = ("min-damage", "max-throughput", "min-latency", "min-memory")
+FLOAT_DTYPES: Final = ("float64", "float32", "bfloat16", "float16")
+# predicted[...] values that are exact functions of (sites, layers, config): recomputed on load
+_EXACT_INT_KEYS = (
+    "kv_bytes_at_context", "full_kv_bytes_at_context", "full_bf16_kv_bytes_at_context",
+    "full_kv_bytes_per_token", "full_bf16_kv_bytes_per_token", "kv_bytes_per_seq", "kv_bytes_total",
+    "kv_bytes", "full_kv_bytes",
+)  # fmt: skip
 
 
 class PlanError(ValueError):
     """A plan file is corrupt, truncated, tampered with, of another schema version, or unusable."""
 
 
+class SettingsError(ValueError):
+    """A compile / inspect setting (context, batch, budgets, tolerance, objective ...) is out of range."""
+
+
+_STRICT = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+
+
+def _json_value(v: Any) -> Any:
+    """Free-form plan fields hold plain, finite, bounded JSON (also when built in memory)."""
+    try:
+        check_json_shape(v, max_depth=MAX_JSON_DEPTH, max_nodes=MAX_JSON_NODES)
+    except JsonInputError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
 class SiteRef(BaseModel):
     """What a plan needs to know of one attention site to be checked against a model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    layer: int
-    module_path: str
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    v_head_dim: int
-    sliding_window: int | None = None
+    model_config = _STRICT
+    layer: int = Field(ge=0, lt=MAX_LAYERS)
+    module_path: Name
+    num_q_heads: int = Field(ge=1, le=MAX_HEADS)
+    num_kv_heads: int = Field(ge=1, le=MAX_HEADS)
+    head_dim: int = Field(ge=1, le=MAX_HEAD_DIM)
+    v_head_dim: int = Field(ge=1, le=MAX_HEAD_DIM)
+    sliding_window: int | None = Field(default=None, ge=1, le=1 << 31)
 
 
 class ModelRef(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str
-    arch: str
-    model_type: str
-    fingerprint: str
-    dtype: str
-    num_params: int
-    param_bytes: int
+    model_config = _STRICT
+    name: Name
+    arch: Name
+    model_type: Name
+    fingerprint: Annotated[str, Field(max_length=128)]
+    dtype: Literal["float64", "float32", "bfloat16", "float16"]
+    num_params: int = Field(ge=0, le=1 << 50)
+    param_bytes: int = Field(ge=0, le=1 << 53)
     on_meta: bool
-    sites: list[SiteRef]
+    sites: list[SiteRef] = Field(min_length=1, max_length=MAX_LAYERS)
 
 
 class PlanConfig(BaseModel):
-    """What the user asked for. Later issues add fields; unknown keys are rejected."""
+    """What the user asked for. Later issues add fields; unknown keys are rejected. Every number is
+    bounded (a bad setting is a :class:`SettingsError` at compile time and a PlanError on load)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    context: int = Field(4096, gt=0)
-    batch: int = Field(1, gt=0)
-    kv_budget: float | None = Field(default=None, description="fraction of full bf16 KV bytes, or None")
-    kv_budget_bytes: int | None = None
-    latency_budget_s: float | None = None
-    tolerance: float | None = None
-    objective: str = "min-damage"
-    calibration: str | None = None
-    reference_dtype: str = "bfloat16"
+    model_config = _STRICT
+    context: int = Field(4096, gt=0, le=MAX_CONTEXT)
+    batch: int = Field(1, gt=0, le=MAX_BATCH)
+    kv_budget: float | None = Field(default=None, gt=0, le=1, description="fraction of full bf16 KV bytes, or None")
+    kv_budget_bytes: int | None = Field(default=None, gt=0, le=1 << 60)
+    latency_budget_s: float | None = Field(default=None, gt=0, le=3600)
+    tolerance: float | None = Field(default=None, ge=0, le=1e6)
+    objective: Literal["min-damage", "max-throughput", "min-latency", "min-memory"] = "min-damage"
+    calibration: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] | None = None
+    reference_dtype: Literal["float64", "float32", "bfloat16", "float16"] = "bfloat16"
 
 
 class TargetRef(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str
-    gpus: int = 1
-    memory_bytes: int
-    memory_bandwidth: float
+    model_config = _STRICT
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+    gpus: int = Field(1, ge=1, le=MAX_GPUS)
+    memory_bytes: int = Field(gt=0, le=1 << 50)
+    memory_bandwidth: float = Field(gt=0, le=1e16)
 
 
 class LayerPlan(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    layer: int
-    heads: list[dict[str, Any]]  # one strategy spec per KV head, in KV-head order
+    model_config = _STRICT
+    layer: int = Field(ge=0, lt=MAX_LAYERS)
+    # one strategy spec per KV head, in KV-head order (checked by strategies.from_spec)
+    heads: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_HEADS)
+
+
+Json = Annotated[Any, AfterValidator(_json_value)]
 
 
 class Plan(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _STRICT
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    kvcompile_version: str = __version__
+    kvcompile_version: Annotated[str, Field(max_length=64)] = __version__
     model: ModelRef
     target: TargetRef
     config: PlanConfig
-    layers: list[LayerPlan]
-    predicted: dict[str, Any] = Field(default_factory=dict)
-    measured: dict[str, Any] | None = None
-    placement: dict[str, Any] | None = None  # parallelism / memory placement (later issue)
-    schedule: list[dict[str, Any]] | None = None  # runtime schedule (codegen issue)
-    kernels: dict[str, Any] | None = None  # kernel sources by uri, with their hashes (codegen issue)
-    notes: list[str] = Field(default_factory=list)
-    content_hash: str = ""
+    layers: list[LayerPlan] = Field(max_length=MAX_LAYERS)
+    predicted: dict[str, Json] = Field(default_factory=dict)
+    measured: dict[str, Json] | None = None
+    placement: dict[str, Json] | None = None  # parallelism / memory placement (place_kv pass)
+    schedule: list[dict[str, Json]] | None = None  # runtime schedule (codegen.lower), checked on load
+    kernels: dict[str, dict[str, Json]] | None = None  # kernel records by uri, checked on load
+    notes: list[Annotated[str, Field(max_length=MAX_NOTE)]] = Field(default_factory=list, max_length=4096)
+    content_hash: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
 
     # ---- strategies and bytes --------------------------------------------------------------
     def strategies(self) -> list[list[Strategy]]:
@@ -150,10 +197,123 @@ class Plan(BaseModel):
 
         return make_cache(self, model, **kw)
 
+    # ---- invariants ---------------------------------------------------------------------------
+    def verify(self, *, derived: bool = True) -> list[list[Strategy]]:
+        """Check every cross-field invariant; return the strategies ``[layer][kv_head]``.
+
+        Always: layers and sites listed in order ``0..L-1`` and of equal count, head counts (one spec
+        per KV head, query heads a multiple of KV heads), every spec through ``strategies.from_spec``
+        (its ``check()``) and ``validate_for`` the site's head_dim and the plan's context. With
+        ``derived`` (what :func:`load` does) also what is *derived* from those: the exact byte values
+        of ``predicted``, the placement's layers / heads / node, and the schedule and kernel records
+        against what this kvcompile lowers the layers to (:func:`_verify_codegen`). Raises PlanError.
+        """
+        sites = self.model.sites
+        if len(self.layers) != len(sites):
+            raise PlanError(f"plan has {len(self.layers)} layers but {len(sites)} model sites")
+        for i, (site, lp) in enumerate(zip(sites, self.layers, strict=True)):
+            if site.layer != i or lp.layer != i:
+                raise PlanError(f"layer {i}: layers and sites must be listed in order 0..L-1 (found {lp.layer})")
+            if site.num_kv_heads > site.num_q_heads or site.num_q_heads % site.num_kv_heads:
+                raise PlanError(
+                    f"layer {i}: {site.num_q_heads} query heads is not a multiple of {site.num_kv_heads} KV heads"
+                )
+            if len(lp.heads) != site.num_kv_heads:
+                raise PlanError(f"layer {i}: {len(lp.heads)} strategies for {site.num_kv_heads} KV heads")
+        strategies = self.strategies()
+        for site, row in zip(sites, strategies, strict=True):
+            for h, strat in enumerate(row):
+                try:
+                    strat.validate_for(head_dim=site.head_dim, context=self.config.context)
+                except ValueError as e:
+                    raise PlanError(f"layer {site.layer} head {h}: {strat.label()}: {e}") from None
+                except Exception as e:  # odd sizes must not crash a strategy's own check
+                    raise PlanError(f"layer {site.layer} head {h}: {strat.label()}: {type(e).__name__}") from None
+        if derived:
+            self._verify_predicted()
+            self._verify_placement()
+            _verify_codegen(self)
+        return strategies
+
+    def _verify_predicted(self) -> None:
+        """``predicted`` byte values are exact functions of the layers: recompute and compare."""
+        pr, cfg = self.predicted, self.config
+        if not pr:
+            return
+        if "context" in pr and pr["context"] != cfg.context or "batch" in pr and pr["batch"] != cfg.batch:
+            raise PlanError("predicted: context/batch differ from the plan's config")
+        want: dict[str, float] = {}
+        kv_ctx = self.predicted_kv_bytes(cfg.context, cfg.batch)
+        per_seq = self.predicted_kv_bytes(cfg.context, 1)
+        full_bf16 = self.full_kv_bytes(cfg.context, cfg.batch, dtype="bfloat16")
+        want.update(
+            kv_bytes_at_context=kv_ctx,
+            full_kv_bytes_at_context=self.full_kv_bytes(cfg.context, cfg.batch),
+            full_bf16_kv_bytes_at_context=full_bf16,
+            full_kv_bytes_per_token=self.full_kv_bytes(1, 1),
+            full_bf16_kv_bytes_per_token=self.full_kv_bytes(1, 1, dtype="bfloat16"),
+            kv_bytes_per_seq=per_seq,
+            kv_bytes_total=kv_ctx,
+            kv_bytes=per_seq,
+            full_kv_bytes=self.full_kv_bytes(cfg.context, 1),
+            kv_bytes_per_token=kv_ctx / (cfg.context * cfg.batch),
+            kv_ratio_vs_full_bf16=kv_ctx / full_bf16,
+        )
+        for key, value in want.items():
+            if key not in pr:
+                continue
+            got = pr[key]
+            exact = key in _EXACT_INT_KEYS
+            ok = (
+                type(got) is int and got == value
+                if exact
+                else isinstance(got, (int, float))
+                and not isinstance(got, bool)
+                and math.isclose(got, value, rel_tol=1e-9)
+            )
+            if not ok:
+                raise PlanError(
+                    f"predicted.{key} = {str(got)[:40]} but the layers give {value}: the plan was edited or is stale"
+                )
+
+    def _verify_placement(self) -> None:
+        """A placement (``place_kv``) must describe this plan: its node, context, layers and heads."""
+        pl = self.placement
+        if not pl or "tp" not in pl:
+            return
+        try:
+            view = _PlacementView.model_validate(pl)
+        except ValidationError as e:
+            raise PlanError(f"placement: {_first_error(e)}") from None
+        sites = self.model.sites
+        if view.gpus != self.target.gpus or view.context != self.config.context:
+            raise PlanError(f"placement: made for {view.gpus} GPUs at context {view.context}, the plan's "
+                            f"target has {self.target.gpus} GPUs and context {self.config.context}")  # fmt: skip
+        if view.tp * view.replicas > view.gpus or len(view.rank_heads) != view.tp:
+            raise PlanError(f"placement: TP={view.tp} x {view.replicas} replicas on {view.gpus} GPUs "
+                            f"with {len(view.rank_heads)} rank head lists")  # fmt: skip
+        if len(view.placement) != len(sites):
+            raise PlanError(f"placement: {len(view.placement)} layer rows for {len(sites)} layers")
+        for i, (row, site) in enumerate(zip(view.placement, sites, strict=True)):
+            heads = sorted(h for g in row.groups for h in g.heads)
+            if row.layer != i or heads != list(range(site.num_kv_heads)):
+                raise PlanError(f"placement: layer row {i} does not cover KV heads 0..{site.num_kv_heads - 1} once")
+            for g in row.groups:
+                try:
+                    spec = json.loads(g.group)
+                except ValueError:
+                    spec = None
+                if any(self.layers[i].heads[h] != spec for h in g.heads):
+                    raise PlanError(f"placement: layer {i} group {g.group[:60]!r} is not the strategy of its heads")
+        for r in view.rank_heads:
+            if any(h >= max(s.num_kv_heads for s in sites) for h in r):
+                raise PlanError("placement: rank_heads names a KV head the model does not have")
+
     # ---- hashing and files --------------------------------------------------------------------
     def compute_hash(self) -> str:
         body = self.model_dump(mode="json", exclude={"content_hash"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)  # NaN has no JSON form
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def sealed(self) -> Plan:
         """A copy whose ``content_hash`` matches its content."""
@@ -170,37 +330,177 @@ class Plan(BaseModel):
         return path
 
 
-def load(path: str | os.PathLike[str]) -> Plan:
-    """Read a plan, verifying JSON, schema version, fields, strategies and content hash.
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
-    Raises :class:`PlanError` with a one-line reason.
+
+class _PlacementGroup(_Lenient):
+    group: Annotated[str, Field(max_length=1 << 12)]
+    heads: list[Annotated[int, Field(ge=0, lt=MAX_HEADS)]] = Field(min_length=1, max_length=MAX_HEADS)
+    where: Annotated[str, Field(max_length=64)]
+
+
+class _PlacementRow(_Lenient):
+    layer: int = Field(ge=0, lt=MAX_LAYERS)
+    groups: list[_PlacementGroup] = Field(min_length=1, max_length=MAX_HEADS)
+
+
+class _PerGpu(_Lenient):
+    weights: int
+    kv: int
+    activations: int
+    reserve: int
+    free: int
+    capacity: int
+
+
+class _PlacementView(_Lenient):
+    """The fields of ``Plan.placement`` that reports and checks read (the place_kv pass may add more)."""
+
+    tp: int = Field(ge=1, le=MAX_GPUS)
+    gpus: int = Field(ge=1, le=MAX_GPUS)
+    replicas: int = Field(1, ge=1, le=MAX_GPUS)
+    context: int = Field(ge=1, le=MAX_CONTEXT)
+    batch: int = Field(ge=0, le=MAX_BATCH)
+    objective: Annotated[str, Field(max_length=64)]
+    target: Annotated[str, Field(max_length=128)]
+    kv_copies: int = Field(ge=0, le=MAX_HEADS * MAX_GPUS)
+    tokens_per_s: float = Field(ge=0)
+    node_tokens_per_s: float = Field(0.0, ge=0)
+    step_time_s: float = Field(ge=0)
+    time_breakdown_s: dict[Annotated[str, Field(max_length=64)], float] = Field(default_factory=dict, max_length=64)
+    per_gpu: _PerGpu
+    host_kv_bytes: int = Field(ge=0)
+    placement: list[_PlacementRow] = Field(max_length=MAX_LAYERS)
+    rank_heads: list[list[Annotated[int, Field(ge=0, lt=MAX_HEADS)]]] = Field(max_length=MAX_GPUS)
+    binding: Annotated[str, Field(max_length=MAX_NOTE)]
+
+
+def _short(v: Any, n: int = 40) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _first_error(e: ValidationError) -> str:
+    first = e.errors()[0]
+    return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+
+
+def _verify_codegen(plan: Plan) -> None:
+    """The plan's schedule and kernel records must be exactly what this kvcompile lowers its layers to.
+
+    Kernel source is never taken from a plan to run: the runtime renders every kernel from its
+    ``KernelKey`` with the installed kvcompile (``codegen.cache.load_kernel``). A plan may carry
+    sources and hashes (to show what was compiled); here they are only compared with the rendering,
+    and any difference is a PlanError naming the kernel. (Lazy import: lowering lives in codegen,
+    which imports the plan module.)
+    """
+    if plan.schedule is None and plan.kernels is None:
+        return
+    from .codegen.cache import render, sha256
+    from .codegen.keys import KernelKey
+    from .codegen.lower import lower
+
+    try:
+        sched = lower(plan)
+    except PlanError:
+        raise
+    except ValueError as e:
+        raise PlanError(f"the plan's layers cannot be lowered to a schedule: {e}") from None
+    if plan.schedule is not None:
+        want = sched.to_json()
+        if len(plan.schedule) != len(want):
+            raise PlanError(f"schedule has {len(plan.schedule)} instructions, the layers lower to {len(want)} "
+                            "(edited, or compiled by another kvcompile)")  # fmt: skip
+        for i, (got, exp) in enumerate(zip(plan.schedule, want, strict=True)):
+            if got != exp:
+                raise PlanError(f"schedule instruction {i} ({str(got.get('op'))[:30]}, layer "
+                                f"{str(got.get('layer'))[:12]}) differs from the lowering of the layers")  # fmt: skip
+    if plan.kernels is not None:
+        extra = sorted(set(plan.kernels) - set(sched.kernels))
+        missing = sorted(set(sched.kernels) - set(plan.kernels))
+        if extra or missing:
+            which = (
+                f"kernel {extra[0][:80]!r} is not used by the schedule" if extra else f"kernel {missing[0]} is missing"
+            )
+            raise PlanError(f"kernels: {which}")
+        for uri, rec in plan.kernels.items():
+            if set(rec) - {"source", "sha256", "key"}:
+                raise PlanError(f"kernel {uri}: unknown fields {sorted(set(rec) - {'source', 'sha256', 'key'})}")
+            if rec.get("key") != sched.kernels[uri]:
+                raise PlanError(f"kernel {uri}: its key is not the one the schedule needs")
+            src = render(KernelKey.from_json(dict(sched.kernels[uri])))
+            if rec.get("source") is not None and rec["source"] != src:
+                raise PlanError(f"kernel {uri}: embedded source differs from this kvcompile's rendering of its key "
+                                "(edited, or compiled by another version); refusing the plan")  # fmt: skip
+            if rec.get("sha256") is not None and rec["sha256"] != sha256(src):
+                raise PlanError(f"kernel {uri}: recorded sha256 does not match this kvcompile's rendering")
+
+
+def check_model(plan: Plan, model: Any, *, strict: bool = False) -> list[str]:
+    """``make_cache``'s provenance gate: may this plan serve ``model`` (a transformers model)?
+
+    Runs the plan's own invariants (:meth:`Plan.verify`, without the derived fields: an in-memory
+    plan may have been edited with ``model_copy``), then compares provenance. A plan compiled from
+    real weights (``model.on_meta`` false) was calibrated and byte-counted on exactly those weights
+    and dtype, so another fingerprint or dtype is refused with a PlanError. A plan compiled from a
+    meta config cannot know the weights: a differing fingerprint or dtype is returned as a note
+    (``strict=True`` refuses it too). Geometry is checked by ``runtime.validate.check_plan``.
+    """
+    plan.verify(derived=False)
+    params = list(model.parameters()) if hasattr(model, "parameters") else []
+    model_dtype = str(params[0].dtype).removeprefix("torch.") if params else plan.model.dtype
+    from .models import fingerprint  # lazy: hashes a few weight tensors
+
+    fp = fingerprint(model)
+    problems = []
+    if plan.model.dtype != model_dtype:
+        problems.append(f"plan was compiled for dtype {plan.model.dtype}, the model runs in {model_dtype}")
+    if plan.model.fingerprint != fp:
+        problems.append(f"model fingerprint {fp} differs from the plan's {plan.model.fingerprint[:40]}")
+    if problems and not plan.model.on_meta:
+        raise PlanError("plan does not match the model: " + "; ".join(problems)
+                        + " (the plan was compiled from other real weights; recompile it for this model)")  # fmt: skip
+    notes = [p + " (expected when the plan was compiled from a meta config; predicted bytes use the plan's dtype)"
+             for p in problems]  # fmt: skip
+    if strict and notes:
+        raise PlanError("strict plan check failed: " + "; ".join(notes))
+    return notes
+
+
+def load(path: str | os.PathLike[str]) -> Plan:
+    """Read a plan that may come from anyone; return it only if every check passes.
+
+    Order: bounded strict JSON (:func:`kvcompile._io.read_json_strict`: UTF-8, no NaN/Infinity, no
+    duplicate keys, depth / size limits), schema version, strict pydantic fields (exact types,
+    bounded numbers, no unknown fields), content hash, then :meth:`Plan.verify` (cross-field
+    invariants, predicted bytes, placement, schedule and kernels). Nothing in the file is executed,
+    imported or used as a path. Raises :class:`PlanError` with a one-line reason.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = read_json_strict(path, max_bytes=MAX_PLAN_BYTES, max_depth=MAX_JSON_DEPTH, max_nodes=MAX_JSON_NODES)
     except OSError as e:
-        raise PlanError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PlanError(
-            f"{path}: not valid JSON, the file is corrupt or truncated ({e.msg} at char {e.pos})"
-        ) from None
+        raise PlanError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    except JsonInputError as e:
+        raise PlanError(f"{path}: {e}") from None
     if not isinstance(raw, dict):
         raise PlanError(f"{path}: expected a JSON object")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION or type(version) is not int:
         raise PlanError(
-            f"{path}: schema_version {version!r} is not supported (this kvcompile reads {SCHEMA_VERSION})"
+            f"{path}: schema_version {_short(version)} is not supported (this kvcompile reads {SCHEMA_VERSION})"
         )
     try:
-        plan = Plan.model_validate(raw)
+        plan = Plan.model_validate(raw, strict=True)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise PlanError(f"{path}: invalid plan: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise PlanError(f"{path}: invalid plan: {_first_error(e)}") from None
     if not plan.content_hash:
         raise PlanError(f"{path}: plan has no content_hash")
     if plan.compute_hash() != plan.content_hash:
         raise PlanError(f"{path}: content hash mismatch: the file was modified after it was written")
-    plan.strategies()  # unknown strategy names / bad parameters
+    try:
+        plan.verify()
+    except PlanError as e:
+        raise PlanError(f"{path}: {e}") from None
     return plan

@@ -269,7 +269,10 @@ def test_rejects_window_larger_than_context(gpt2):
 
 def test_fingerprint_mismatch_warns_or_fails_when_strict(gpt2):
     plan = uniform_plan(gpt2, "full", context=512)
-    other = plan.model_copy(update={"model": plan.model.model_copy(update={"fingerprint": "0" * 20})})
+    edited = plan.model.model_copy(update={"fingerprint": "0" * 20})
+    with pytest.raises(PlanError, match="fingerprint .* other real weights"):  # compiled from real weights
+        make_cache(plan.model_copy(update={"model": edited}), gpt2)
+    other = plan.model_copy(update={"model": edited.model_copy(update={"on_meta": True})})  # from a config
     with pytest.warns(PlanWarning, match="fingerprint"):
         cache = make_cache(other, gpt2)
     assert isinstance(cache, KVCompileCache) and cache.notes

@@ -1,9 +1,10 @@
 """Rendered kernel sources and their content-hashed on-disk cache.
 
 :func:`render` turns a :class:`KernelKey` into a self-contained Python module: the ``@triton.jit``
-functions the kernel needs (in dependency order) plus the key and its baked constants. The text is
-what a plan stores (``Plan.kernels[uri] = {"source", "sha256", "key"}``), so serving code runs exactly
-the kernels that were compiled.
+functions the kernel needs (in dependency order) plus the key and its baked constants. A plan
+records it (``Plan.kernels[uri] = {"source", "sha256", "key"}``) to show what was compiled, but a
+plan's text is never run: :func:`load_kernel` always imports this kvcompile's own rendering of the
+key and only compares a given source / hash with it (``kvcompile.load`` does the same comparison).
 
 :func:`load_source` writes a source to ``$KVCOMPILE_CACHE_DIR/kernels/<uri>-<sha256[:16]>.py``
 (temp file + rename, so readers see a whole file or none) and imports it. Loading is
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import inspect
 import json
+import re
 import sys
 import textwrap
 import threading
@@ -66,8 +69,11 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=256)
 def render(key: KernelKey) -> str:
-    """The module source of ``key``'s kernel: header, constants, then the jit functions it calls."""
+    """The module source of ``key``'s kernel: header, constants, then the jit functions it calls.
+
+    The only source kvcompile ever imports: a function of the key and the installed kvcompile."""
     fns = _SOURCES[key.kind]
     body = "\n\n".join(textwrap.dedent(inspect.getsource(f.fn)).strip() + "\n" for f in fns)
     key_json = json.dumps(key.to_json(), sort_keys=True)
@@ -96,8 +102,13 @@ def _valid_file(path: Path, digest: str) -> bool:
 def load_source(uri: str, source: str, expected_sha256: str | None = None) -> ModuleType:
     """Import a rendered kernel source through the on-disk cache (see module docstring).
 
+    Internal: imports ``source`` as Python, so callers pass only :func:`render` output (as
+    :func:`load_kernel` does), never text from a plan or a user. ``uri`` must be a key's uri.
+
     Raises :class:`KernelSourceError` when ``expected_sha256`` is given and differs from the source's.
     """
+    if not re.fullmatch(r"[A-Za-z0-9_\-]{1,200}", uri):
+        raise KernelSourceError(f"kernel uri {uri[:80]!r} is not a file-system-safe name")
     digest = sha256(source)
     if expected_sha256 is not None and digest != expected_sha256:
         raise KernelSourceError(
@@ -141,10 +152,27 @@ def _import(path: Path, digest: str) -> ModuleType:
 
 
 def load_kernel(key: KernelKey, source: str | None = None, expected_sha256: str | None = None):
-    """(entry, reduce) jit functions of ``key``: from ``source`` (e.g. a plan's) or freshly rendered."""
-    module = load_source(key.uri(), source if source is not None else render(key), expected_sha256)
-    if key.uri() != module.URI:
-        raise KernelSourceError(f"kernel source is for {module.URI}, expected {key.uri()}")
+    """(entry, reduce) jit functions of ``key``, always from this kvcompile's :func:`render` of ``key``.
+
+    ``source`` / ``expected_sha256`` (e.g. a plan's record) are only *compared* with the rendering:
+    a difference raises :class:`KernelSourceError` naming the kernel, and nothing from them is ever
+    written or imported, so a plan cannot run code through a kernel record.
+    """
+    uri = key.uri()
+    rendered = render(key)
+    if source is not None and source != rendered:
+        raise KernelSourceError(
+            f"kernel {uri}: the given source is for another kernel or was edited (it differs from this "
+            "kvcompile's rendering of the key); refusing it"
+        )
+    digest = sha256(rendered)
+    if expected_sha256 is not None and expected_sha256 != digest:
+        raise KernelSourceError(
+            f"kernel {uri}: recorded hash {str(expected_sha256)[:16]} does not match the rendering's {digest[:16]}"
+        )
+    module = load_source(uri, rendered, digest)
+    if uri != module.URI:
+        raise KernelSourceError(f"kernel source is for {module.URI}, expected {uri}")
     return getattr(module, module.ENTRY), getattr(module, module.REDUCE, None)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..plan import Plan, PlanError
+from ..plan import Plan, PlanError, check_model
 from ..strategies import Strategy
 
 
@@ -42,7 +42,9 @@ def model_geometry(model: Any) -> Geometry:
     except AttributeError as e:
         raise PlanError(f"model config lacks {e.name!r}; cannot check the plan against it") from None
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or q_heads)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // max(q_heads, 1)
+    if layers < 1 or q_heads < 1 or kv_heads < 1 or int(head_dim) < 1:
+        raise PlanError(f"model config has {layers} layers, {q_heads} query / {kv_heads} KV heads, head_dim {head_dim}")
     if q_heads % kv_heads:
         raise PlanError(f"model has {q_heads} query heads, not a multiple of its {kv_heads} KV heads")
     return Geometry(layers, q_heads, kv_heads, int(head_dim))
@@ -89,21 +91,5 @@ def check_plan(plan: Plan, model: Any, *, strict: bool = False) -> tuple[list[li
             except ValueError as e:
                 raise PlanError(f"layer {i} head {h}: {s.label()}: {e}") from None
 
-    notes: list[str] = []
-    model_dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
-    if plan.model.dtype != model_dtype:
-        notes.append(
-            f"plan was compiled for dtype {plan.model.dtype}, the model runs in {model_dtype}: "
-            "predicted bytes use the plan's dtype"
-        )
-    from ..models import fingerprint  # lazy: hashes a few weight tensors
-
-    fp = fingerprint(model)
-    if plan.model.fingerprint != fp:
-        notes.append(
-            f"model fingerprint {fp} differs from the plan's {plan.model.fingerprint} "
-            "(expected when the plan was compiled from a meta config)"
-        )
-    if strict and notes:
-        raise PlanError("strict plan check failed: " + "; ".join(notes))
+    notes = check_model(plan, model, strict=strict)  # fingerprint / dtype provenance (plan.py)
     return strategies, notes

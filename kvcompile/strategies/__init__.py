@@ -29,6 +29,11 @@ stores never keep padding (their ``pos`` is -1 in empty slots, so ``pos < lead[b
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,28 +41,88 @@ from .base import Store, Strategy, reference_attention
 from .compose import Compose, MiKV
 from .fp8 import FP8
 from .full import Full
+from .kvzip import KNorm, KVzip
+from .paged import Paged
 from .quant import Quant
 from .selection import HeavyHitter, SinkWindow, SnapKV
 from .think import ThinK
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Full, FP8, Quant, SinkWindow, HeavyHitter, SnapKV, ThinK, Compose, MiKV)
+    cls.name: cls for cls in (Full, FP8, Quant, SinkWindow, HeavyHitter, SnapKV, ThinK, Compose, MiKV, Paged)
 }
 
 
-def from_spec(spec: Mapping[str, Any]) -> Strategy:
-    """Build a strategy from its plan JSON form ``{"name": ..., **params}``; nested specs allowed."""
+def from_spec(spec: Mapping[str, Any], _depth: int = 0) -> Strategy:
+    """Build a strategy from its plan JSON form ``{"name": ..., **params}``; nested specs allowed.
+
+    Plans come from anywhere, so a spec is checked before any strategy code sees it: keys must be
+    the class's fields, each value must have the field's annotated type (``int`` never a bool or a
+    float, ``float`` finite, nested strategies as nested specs, at most ``MAX_SPEC_DEPTH`` deep),
+    and whatever the constructor or ``check()`` raises becomes a one-line ``ValueError``.
+    """
     if not isinstance(spec, Mapping) or "name" not in spec:
-        raise ValueError(f"a strategy spec must be a mapping with a 'name', got {spec!r}")
+        raise ValueError(f"a strategy spec must be a mapping with a 'name', got {_short(spec)}")
     name = spec["name"]
-    if name not in REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; registered: {sorted(REGISTRY)}")
-    nested = lambda v: isinstance(v, Mapping) and "name" in v  # noqa: E731
-    params = {k: (from_spec(v) if nested(v) else v) for k, v in spec.items() if k != "name"}
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"unknown strategy {_short(name)}; registered: {sorted(REGISTRY)}")
+    if _depth >= MAX_SPEC_DEPTH:
+        raise ValueError(f"strategy {name!r}: specs nested deeper than {MAX_SPEC_DEPTH}")
+    cls = REGISTRY[name]
+    hints = _field_types(cls)
+    params = {}
+    for k, v in spec.items():
+        if k == "name":
+            continue
+        if k not in hints:
+            raise ValueError(f"strategy {name!r}: unknown parameter {_short(k)}; parameters: {sorted(hints)}")
+        params[k] = _param(name, k, hints[k], v, _depth)
     try:
-        return REGISTRY[name](**params)
-    except TypeError as e:
-        raise ValueError(f"strategy {name!r}: bad parameters {params}: {e}") from None
+        return cls(**params)
+    except ValueError as e:
+        raise ValueError(f"strategy {name!r}: {e}") from None
+    except Exception as e:  # a check() that trips over odd but well-typed values is still bad input
+        raise ValueError(f"strategy {name!r}: bad parameters {_short(params)}: {type(e).__name__}: {e}") from None
+
+
+MAX_SPEC_DEPTH = 4  # compose(select=..., quant=...) is 2 deep
+
+
+@functools.cache
+def _field_types(cls: type[Strategy]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _param(name: str, key: str, tp: Any, v: Any, depth: int) -> Any:
+    """``v`` checked against the field annotation ``tp`` (int, float, str, bool, X | None, a Strategy)."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for t in options:
+        if t is type(None) and v is None:
+            return None
+        if t is bool and isinstance(v, bool):
+            return v
+        if t is int and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise ValueError(f"strategy {name!r}: {key}={v!r} must be a finite number")
+            return float(v)
+        if t is str and isinstance(v, str):
+            return v
+        if isinstance(t, type) and issubclass(t, Strategy) and isinstance(v, Mapping):
+            inner = from_spec(v, depth + 1)
+            if not isinstance(inner, t):
+                raise ValueError(f"strategy {name!r}: {key}={inner.name!r} is not a {t.__name__} strategy")
+            return inner
+        if isinstance(t, type) and issubclass(t, Strategy) and isinstance(v, t):
+            return v
+    want = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    raise ValueError(f"strategy {name!r}: {key}={_short(v)} must be {want}")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 BUDGET_FRACTIONS = (0.5, 0.25, 0.125, 0.06, 0.03)  # token budgets as fractions of the context
@@ -107,7 +172,10 @@ __all__ = [
     "FP8",
     "Full",
     "HeavyHitter",
+    "KNorm",
+    "KVzip",
     "MiKV",
+    "Paged",
     "Quant",
     "SinkWindow",
     "SnapKV",
