@@ -1,0 +1,157 @@
+"""A serving engine's paged KV layer: every token (or a sliding window) in bf16 or fp8 with a fixed scale.
+
+This is what vLLM's attention backends store per layer (``kv_cache_dtype`` + the layer's
+``sliding_window``), emulated exactly enough to calibrate and verify plans that vLLM will execute
+(``kvcompile.engines.vllm``):
+
+* ``kv_dtype="fp8_e4m3"``: ``code = e4m3(clamp(x / scale, ±448))`` with one per-tensor scale per layer
+  and K/V (vLLM's ``layer._k_scale`` / ``_v_scale``; 1.0 unless the checkpoint ships scales), read back as
+  ``code * scale``. Unlike kvcompile's own ``fp8`` (a per-head scale fixed from the prefill), the scale is
+  a plan constant, so nothing but the codes is stored.
+* The engine writes the new tokens into the cache *before* attending (reshape_and_cache, then paged
+  attention over the cache), so prefill queries also read quantized keys; the store does the same.
+* ``window=W``: query at position ``i`` attends keys ``j`` with ``i - W < j <= i`` during prefill and
+  decode alike (vLLM / transformers sliding-window semantics, no sink tokens); the store keeps the last
+  ``W - 1`` tokens, all any later query can see, or ``reserve`` tokens when set: what the engine really
+  holds per sequence for the layer (vLLM keeps ``W - 1`` plus the tokens in flight, rounded up to whole
+  blocks), so the planner's byte budget is the engine's memory. Tokens beyond the window stay masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from ._attn import leading_pads
+from .base import Store, Strategy, check_range, tensor_bytes
+
+E4M3_MAX = 448.0
+KV_DTYPES = {"bfloat16": 2, "fp8_e4m3": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Paged(Strategy):
+    """One layer of a paged serving cache: ``kv_dtype`` storage, optional sliding ``window``.
+
+    Parameters: ``kv_dtype`` in ``KV_DTYPES``; ``window`` (>= 2 tokens, or None for every token);
+    ``k_scale`` / ``v_scale``: the fixed per-tensor fp8 scales (ignored for bfloat16); ``reserve``: tokens
+    held per sequence by a windowed layer (at least window - 1, which is also the default).
+    """
+
+    name: ClassVar[str] = "paged"
+    paper: ClassVar[str] = (
+        "Kwon et al. 2023, Efficient Memory Management for LLM Serving with PagedAttention (arXiv:2309.06180); "
+        "sliding window: Beltagy et al. 2020 (arXiv:2004.05150)"
+    )
+    observe: ClassVar[str] = "none"  # nothing the store keeps depends on attention scores
+    kv_dtype: str = "bfloat16"
+    window: int | None = None
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+    reserve: int | None = None
+
+    def check(self) -> None:
+        check_range("kv_dtype", self.kv_dtype, allowed=tuple(KV_DTYPES))
+        if self.window is not None:
+            if isinstance(self.window, bool) or not isinstance(self.window, int):
+                raise ValueError(f"window={self.window!r} must be an int number of tokens or None")
+            check_range("window", self.window, lo=2, hi=1 << 24)
+        if self.reserve is not None:
+            if self.window is None:
+                raise ValueError("reserve is only meaningful with a window (a full layer holds every token)")
+            check_range("reserve", self.reserve, lo=1, hi=1 << 24)
+        check_range("k_scale", self.k_scale, lo=1e-8, hi=1e8)
+        check_range("v_scale", self.v_scale, lo=1e-8, hi=1e8)
+
+    def short_label(self) -> str:
+        dt = "bf16" if self.kv_dtype == "bfloat16" else "fp8"
+        return dt if self.window is None else f"{dt}+win{self.window}"
+
+    def kept(self, tokens: int) -> int:
+        """Tokens held after ``tokens`` tokens."""
+        if self.window is None:
+            return tokens
+        return min(tokens, max(self.window - 1, self.reserve or 0))
+
+    def bytes_for(self, tokens: int, head_dim: int, dtype_bytes: int) -> int:
+        return 2 * self.kept(tokens) * head_dim * KV_DTYPES[self.kv_dtype]
+
+    def dequant_flops_per_token(self, head_dim: int) -> int:
+        return 0 if self.kv_dtype == "bfloat16" else 2 * head_dim * 2
+
+    def kernel_format(self) -> str:
+        # distinct per setting: with max_kernels_per_layer=1 the solve gives every head of a layer one setting
+        return f"paged:{self.kv_dtype}:{self.window or 0}"
+
+    def new_store(self, *, batch, num_heads, head_dim, gqa, dtype, device) -> PagedStore:
+        return PagedStore(self, dtype)
+
+
+class PagedStore(Store):
+    """``k``, ``v``: [B, Hg, N, D] in bfloat16 or float8_e4m3fn (codes of ``x / scale``); N <= window - 1.
+
+    ``lead[b]`` left-padding slots of row b are masked; slot ``s`` of the stored tokens has position
+    ``tokens_seen - N + s`` (the stored tokens are always the most recent ones).
+    """
+
+    def __init__(self, strategy: Paged, dtype: torch.dtype) -> None:
+        self.s, self.dtype = strategy, dtype
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.lead: torch.Tensor | None = None
+        self.tokens_seen = 0
+
+    def _encode(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.s.kv_dtype == "bfloat16":
+            return x.to(torch.bfloat16)
+        return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+    def _decode(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.s.kv_dtype == "bfloat16":
+            return x.to(self.dtype)
+        return (x.float() * scale).to(self.dtype)
+
+    def attend(self, q, k_new, v_new, valid_new, scale):
+        B, T = q.shape[0], q.shape[2]
+        lead = self.lead if self.lead is not None else leading_pads(valid_new)
+        # the engine stores first, then attends over the cache: new tokens are read back quantized too
+        k_new = self._decode(self._encode(k_new, self.s.k_scale), self.s.k_scale)
+        v_new = self._decode(self._encode(v_new, self.s.v_scale), self.s.v_scale)
+        if self.k is not None:
+            k = torch.cat([self._decode(self.k, self.s.k_scale), k_new.to(self.dtype)], dim=2)
+            v = torch.cat([self._decode(self.v, self.s.v_scale), v_new.to(self.dtype)], dim=2)
+        else:
+            k, v = k_new.to(self.dtype), v_new.to(self.dtype)
+        N = k.shape[2]
+        pos = torch.arange(self.tokens_seen - (N - T), self.tokens_seen + T, device=q.device)  # [N] slots
+        qpos = pos[N - T :]
+        allowed = pos[None, :] <= qpos[:, None]
+        if self.s.window is not None:
+            allowed &= pos[None, :] > qpos[:, None] - self.s.window
+        key_ok = pos[None, :] >= lead[:, None]  # [B, N]
+        key_ok[:, N - T :] &= valid_new
+        mask = allowed[None, None] & key_ok[:, None, None, :]
+        own = pos[None, :] == qpos[:, None]  # padding queries see no key: give them their own slot
+        mask = mask | (~mask.any(-1, keepdim=True) & own)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+    def append(self, k_new, v_new, q_new, valid_new):
+        if self.lead is None:
+            self.lead = leading_pads(valid_new)
+        k8, v8 = self._encode(k_new, self.s.k_scale), self._encode(v_new, self.s.v_scale)
+        self.k = k8 if self.k is None else torch.cat([self.k, k8], dim=2)
+        self.v = v8 if self.v is None else torch.cat([self.v, v8], dim=2)
+        self.tokens_seen += k_new.shape[2]
+        keep = self.s.kept(self.tokens_seen)
+        if self.k.shape[2] > keep:
+            self.k, self.v = self.k[:, :, -keep:].contiguous(), self.v[:, :, -keep:].contiguous()
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.k, self.v)
+
+    def tensors(self):
+        return {"k": self.k, "v": self.v} if self.k is not None else {}
