@@ -75,6 +75,19 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+def _one_of(allowed: tuple[str, ...]) -> AfterValidator:
+    def check(v: str) -> str:
+        if v not in allowed:
+            raise ValueError(f"{v[:40]!r} is not one of {list(allowed)}")
+        return v
+
+    return AfterValidator(check)
+
+
+FloatDtype = Annotated[str, _one_of(FLOAT_DTYPES)]
+Objective = Annotated[str, _one_of(OBJECTIVES)]
+
+
 class SiteRef(BaseModel):
     """What a plan needs to know of one attention site to be checked against a model."""
 
@@ -94,7 +107,7 @@ class ModelRef(BaseModel):
     arch: Name
     model_type: Name
     fingerprint: Annotated[str, Field(max_length=128)]
-    dtype: Literal["float64", "float32", "bfloat16", "float16"]
+    dtype: FloatDtype
     num_params: int = Field(ge=0, le=1 << 50)
     param_bytes: int = Field(ge=0, le=1 << 53)
     on_meta: bool
@@ -112,9 +125,9 @@ class PlanConfig(BaseModel):
     kv_budget_bytes: int | None = Field(default=None, gt=0, le=1 << 60)
     latency_budget_s: float | None = Field(default=None, gt=0, le=3600)
     tolerance: float | None = Field(default=None, ge=0, le=1e6)
-    objective: Literal["min-damage", "max-throughput", "min-latency", "min-memory"] = "min-damage"
+    objective: Objective = "min-damage"
     calibration: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] | None = None
-    reference_dtype: Literal["float64", "float32", "bfloat16", "float16"] = "bfloat16"
+    reference_dtype: FloatDtype = "bfloat16"
 
 
 class TargetRef(BaseModel):
