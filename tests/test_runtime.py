@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from kvcompile._compat import cache_kw
 from kvcompile.plan import PlanError
 from kvcompile.runtime import (
     KVCompileCache,
@@ -283,14 +284,20 @@ def test_fingerprint_mismatch_warns_or_fails_when_strict(gpt2):
         make_cache(plan, gpt2, strict=True)
 
 
-def test_unsupported_cache_operations_raise(gpt2):
-    cache = make_cache(uniform_plan(gpt2, "full", context=512), gpt2)
+def test_cache_operations_and_their_clear_errors(gpt2):
+    plan = uniform_plan(gpt2, "full", context=512)
+    cache = make_cache(plan, gpt2)
     with torch.no_grad():
-        gpt2(torch.tensor([[5, 6, 7]]), past_key_values=cache)
-    with pytest.raises(NotImplementedError, match="beam search"):
-        cache.reorder_cache(torch.tensor([0]))
-    with pytest.raises(NotImplementedError, match="cropped"):
-        cache.crop(-1)
+        gpt2(torch.tensor([[5, 6, 7]]), **cache_kw(cache))
+    cache.reorder_cache(torch.tensor([0, 0]))
+    assert cache.layers[0].batch_size == 2 and cache.nbytes() == plan.predicted_kv_bytes(3, batch=2)
+    cache.crop(-1)
+    assert cache.get_seq_length() == 2 and cache.nbytes() == plan.predicted_kv_bytes(2, batch=2)
+    h2o = make_cache(uniform_plan(gpt2, {"name": "heavy_hitter", "budget": 4, "recent": 2}, context=512), gpt2)
+    with torch.no_grad():
+        gpt2(torch.tensor([[5, 6, 7]]), **cache_kw(h2o))
+    with pytest.raises(NotImplementedError, match="cannot crop"):
+        h2o.crop(-1)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.nbytes() == 0
 

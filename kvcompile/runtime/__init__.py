@@ -62,7 +62,8 @@ def make_cache(plan: Plan, model: Any, *, backend: str = "torch", strict: bool =
                 f"{type(model).__name__} cannot switch its attention implementation to "
                 f"{ATTN_IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)"
             )
-    cache = KVCompileCache(strategies, head_dim=geo.head_dim, gqa=geo.gqa, backend=backend, notes=notes)
+    cache = KVCompileCache(strategies, head_dim=geo.head_dim, gqa=geo.gqa, backend=backend, notes=notes,
+                           context=plan.config.context)  # fmt: skip
     cache.previous_attn_implementation = previous
     if backend != "torch" and plan.kernels:
         from .interpreter import attach  # run the plan's own kernel sources, hash-checked (codegen issue)

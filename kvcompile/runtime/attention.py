@@ -34,7 +34,7 @@ from .cache import HANDLES, KVCompileLayer
 from .interpreter import is_attached, run_layer
 
 ATTN_IMPLEMENTATION = "kvcompile"
-BACKENDS = ("torch", "triton-interpret", "triton")  # kernel backends run through runtime/interpreter.py
+BACKENDS = ("torch", "cpu", "triton-interpret", "triton")  # all but "torch" run runtime/interpreter.py
 
 
 def register() -> None:
@@ -140,7 +140,18 @@ def kvcompile_attention(
     if dropout and module.training:
         raise ValueError("kvcompile attention is inference-only: dropout must be 0 (call model.eval())")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    valid = new_token_validity(attention_mask, query.shape[0], key.shape[2], query.device)
+    T = key.shape[2]
+    if attention_mask is None:
+        valid = new_token_validity(None, query.shape[0], T, query.device)
+    else:
+        keys = min(attention_mask.shape[-1], layer.seen)  # the past keys plus the new ones
+        cols = new_token_validity(attention_mask, query.shape[0], keys, query.device)
+        if bool((cols[:, 1:] < cols[:, :-1]).any()):
+            raise ValueError(
+                "attention_mask: zeros that are not leading left padding (a hole or right padding) are "
+                "not supported by the kvcompile cache"
+            )
+        valid = cols[:, -T:]
     out = attend_layer(layer, query, key, value, valid, scale)
     return out.transpose(1, 2).contiguous(), None
 

@@ -66,13 +66,20 @@ class KVCompileLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # per store: crop() raises for formats that cannot forget tokens
 
     def __init__(
-        self, layer_idx: int, strategies: Sequence[Strategy], head_dim: int, gqa: int, backend: str = "torch"
+        self,
+        layer_idx: int,
+        strategies: Sequence[Strategy],
+        head_dim: int,
+        gqa: int,
+        backend: str = "torch",
+        context: int | None = None,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.context = context  # the plan's context: stores reserve their buffers for it
         self.backend = backend
         self.head_dim = head_dim
         self.gqa = gqa
@@ -105,6 +112,9 @@ class KVCompileLayer(CacheLayerMixin):
             )
             for g in self.groups
         ]
+        if self.context is not None:
+            for store in self.stores:
+                store.reserve(self.context)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -142,6 +152,9 @@ class KVCompileLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.stores or ())
 
+    def reserved_nbytes(self) -> int:
+        return sum(s.reserved_nbytes() for s in self.stores or ())
+
     def reset(self) -> None:
         self.stores, self.seen, self.is_initialized = None, 0, False
 
@@ -152,18 +165,40 @@ class KVCompileLayer(CacheLayerMixin):
         raise NotImplementedError("KVCompileCache does not support offloading")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("KVCompileCache cannot be cropped (compressed stores cannot roll back)")
+        """Forget the newest ``-tokens_to_remove`` tokens (transformers' convention: negative = how
+        many; assisted decoding and prompt lookup). Each store crops itself or raises
+        NotImplementedError naming why its format cannot (e.g. a KIVI group already quantized)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative count of tokens to remove")
+        m = -tokens_to_remove
+        if m == 0 or not self.is_initialized:
+            return
+        if m > self.seen:
+            raise ValueError(f"layer {self.layer_idx}: cannot crop {m} of {self.seen} tokens")
+        for store in self.stores or ():
+            store.crop(m)
+        self.seen -= m
+
+    def _batch(self, fn, new_batch: int) -> None:
+        if not self.is_initialized:
+            return
+        for store in self.stores or ():
+            store.batch_apply(fn)
+        self.batch_size = new_batch
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("KVCompileCache does not support beam search (reorder_cache)")
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]`` in every store."""
+        idx = beam_idx.to(self.device) if self.is_initialized else beam_idx
+        self._batch(lambda t: t.index_select(0, idx.to(t.device)), len(beam_idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            raise NotImplementedError("KVCompileCache cannot repeat a filled cache along the batch")
+        n = self.batch_size * repeats if self.is_initialized else 0
+        self._batch(lambda t: t.repeat_interleave(repeats, dim=0), n)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            raise NotImplementedError("KVCompileCache cannot select batch rows of a filled cache")
+            n = int(indices.sum()) if indices.dtype == torch.bool else len(indices)
+            self._batch(lambda t: t[indices.to(t.device)], n)
 
 
 class KVCompileCache(Cache):
@@ -192,8 +227,9 @@ class KVCompileCache(Cache):
         gqa: int,
         backend: str = "torch",
         notes: Sequence[str] = (),
+        context: int | None = None,
     ) -> None:
-        layers = [KVCompileLayer(i, row, head_dim, gqa, backend) for i, row in enumerate(strategies)]
+        layers = [KVCompileLayer(i, row, head_dim, gqa, backend, context) for i, row in enumerate(strategies)]
         super().__init__(layers=cast(list[Any], layers))
         self.backend = backend
         self.notes = list(notes)
@@ -201,6 +237,10 @@ class KVCompileCache(Cache):
     def nbytes(self) -> int:
         """Bytes of every tensor the stores hold right now (codes, scales, residuals, metadata)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes the stores have allocated (capacity reserved for the plan's context included)."""
+        return sum(layer.reserved_nbytes() for layer in self.layers)
 
     def layer_bytes(self) -> list[dict[str, Any]]:
         """Per layer: ``{"layer", "bytes", "groups": [{"strategy", "kv_heads", "bytes"}]}`` (JSON-able)."""

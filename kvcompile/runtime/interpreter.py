@@ -32,9 +32,10 @@ from typing import Any
 import torch
 
 from ..strategies._attn import leading_pads
+from .cpu_decode import cpu_attend, cpu_library
 from .schedule import Instr, Schedule
 
-KERNEL_BACKENDS = ("torch", "triton-interpret", "triton")
+KERNEL_BACKENDS = ("torch", "cpu", "triton-interpret", "triton")
 
 
 @dataclasses.dataclass
@@ -76,6 +77,8 @@ class Interpreter:
             raise ValueError(
                 "backend='triton-interpret' needs TRITON_INTERPRET=1 set before triton is imported"
             )
+        if backend == "cpu":
+            cpu_library()  # one-line RuntimeError when no C compiler can build the kernels
         if backend == "triton" and (interpret or not torch.cuda.is_available()):
             raise ValueError("backend='triton' needs a CUDA device and TRITON_INTERPRET unset")
         self.schedule, self.backend, self.validate = schedule, backend, validate
@@ -117,7 +120,9 @@ class Interpreter:
 # ---- handlers -------------------------------------------------------------------------------------
 def _attend_ref(ctx: Ctx, instr: Instr) -> None:
     q, k, v, qi = ctx.heads(instr.group)
-    ctx.put(qi, ctx.layer.stores[instr.group].attend(q, k, v, ctx.valid, ctx.scale))
+    store = ctx.layer.stores[instr.group]
+    out = cpu_attend(store, q, k, v, ctx.scale) if ctx.interp.backend == "cpu" and instr.phase == "decode" else None
+    ctx.put(qi, store.attend(q, k, v, ctx.valid, ctx.scale) if out is None else out)
 
 
 def _append(ctx: Ctx, instr: Instr) -> None:
@@ -132,42 +137,31 @@ def _push_residual(ctx: Ctx, instr: Instr) -> None:
     buf = store.buf
     if buf.lead is None:
         buf.lead = leading_pads(ctx.valid)
-    k, v = k.to(buf.dtype), v.to(buf.dtype)
-    buf.k_res = k if buf.k_res is None else torch.cat([buf.k_res, k], dim=2)
-    buf.v_res = v if buf.v_res is None else torch.cat([buf.v_res, v], dim=2)
+    buf.append_residual(k.to(buf.dtype), v.to(buf.dtype))
     store.tokens_seen += k.shape[2]
 
 
 def _flush_quant(ctx: Ctx, instr: Instr) -> None:
     """Quantize the oldest residual groups once the residual holds ``residual + group`` tokens."""
-    from ..codegen import reference as ref
-    from ..codegen.quant_append import quantize_append
-
     buf = ctx.layer.stores[instr.group].buf
-    s = buf.s
-    nq, _ = s.split(buf.n)
-    f = nq - buf.nq
+    f = buf.pending()
     if f <= 0:
         return
-    kx, vx = buf.k_res[:, :, :f], buf.v_res[:, :, :f]
-    names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
-    kc, ks, kz = ref.quantize_keys(kx, s.bits, s.group, buf.lead, start=buf.nq)
-    vc, vs, vz = ref.quantize_values(vx, s.bits, buf.vg)
-    want = dict(zip(names, (kc, ks, kz, vc, vs, vz), strict=True))
-    if ctx.interp.backend == "torch":
-        new = want
+    if ctx.interp.backend in ("torch", "cpu"):
+        new = buf.quantize_ref(f)
     else:
+        from ..codegen.quant_append import quantize_append  # triton: imported only by kernel backends
+
+        s = buf.s
+        kx, vx = buf.k_res[:, :, :f], buf.v_res[:, :, :f]
         kernel = ctx.interp.kernel(instr.kernel_uri)[0]
         new = quantize_append(kx, vx, bits=s.bits, group=s.group, v_group=buf.vg, lead=buf.lead, start=buf.nq,
                               kernel=kernel)  # fmt: skip
         if ctx.interp.validate:
-            err = max((new[n].float() - want[n].float()).abs().max().item() for n in names)
+            want = buf.quantize_ref(f)
+            err = max((new[n].float() - want[n].float()).abs().max().item() for n in want)
             ctx.interp.record("flush_quant", err)
-    for n in names:
-        old = getattr(buf, n)
-        setattr(buf, n, new[n] if old is None else torch.cat([old, new[n]], dim=2))
-    buf.k_res, buf.v_res = buf.k_res[:, :, f:].contiguous(), buf.v_res[:, :, f:].contiguous()
-    buf.nq = nq
+    buf.commit(new, f)
 
 
 def _group_view(store, strategy, kv_heads, k_new, v_new):
@@ -226,6 +220,10 @@ def _attend_decode(ctx: Ctx, instr: Instr) -> None:
 
     layer, G = ctx.layer, ctx.layer.gqa
     served = instr.arg("groups")
+    if ctx.interp.backend == "cpu":  # the C kernels serve one head group per call
+        for gi in served:
+            _attend_ref(ctx, dataclasses.replace(instr, op="attend_ref", group=gi))
+        return
     kv_heads = sorted(h for gi in served for h in layer.groups[gi].kv_heads)
     local = {h: i for i, h in enumerate(kv_heads)}  # layer KV head -> head of the launch
     q_idx = torch.tensor([h * G + j for h in kv_heads for j in range(G)], device=ctx.q.device)
@@ -338,7 +336,8 @@ def attach(
         sched = lower(plan)
         if plan.schedule is not None and Schedule.from_json(plan.schedule, sched.kernels) != sched:
             raise PlanError("attach: the plan's schedule does not match its layers (stale or edited)")
-        kernels = {**load_plan_kernels(plan), **(kernels or {})}
+        if (backend or cache.backend) != "cpu":  # the cpu backend runs C kernels, not the plan's Triton
+            kernels = {**load_plan_kernels(plan), **(kernels or {})}
     else:
         sched = lower_strategies(rows, head_dim=layers[0].head_dim, gqa=layers[0].gqa, dtype="float32")
     interp = Interpreter(sched, backend or cache.backend, validate=validate, kernels=kernels)

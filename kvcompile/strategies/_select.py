@@ -173,6 +173,21 @@ class SelectStore(Store):
     def nbytes(self) -> int:
         return tensor_bytes(self.k, self.v, self.pos, self.score)
 
+    def crop(self, tokens: int) -> None:
+        """Drop the slots of the newest ``tokens`` positions (always the last kept slots). Tokens they
+        displaced stay evicted; H2O's scores already hold their queries' mass, so it refuses."""
+        if not tokens or self.pos is None:
+            return
+        if self.s.keeps_score:
+            raise NotImplementedError(f"{self.s.label()}: cannot crop (accumulated scores include the tokens)")
+        newest = self.pos >= self.tokens_seen - tokens
+        drop = newest.sum(dim=2)
+        keep = self.pos.shape[2] - int(drop.flatten()[0])
+        if bool((drop != drop.flatten()[0]).any()) or not bool(newest[..., keep:].all()):
+            raise NotImplementedError(f"{self.s.label()}: rows kept different numbers of the newest tokens")
+        self.k, self.v, self.pos = self.k[:, :, :keep], self.v[:, :, :keep], self.pos[:, :, :keep]
+        self.tokens_seen -= tokens
+
     def tensors(self):
         names = ("k", "v", "pos", "score")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -125,6 +126,33 @@ class Store(ABC):
 
     @abstractmethod
     def nbytes(self) -> int: ...
+
+    def batch_apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Map every per-row tensor through ``fn`` (beam search: reorder, select or repeat batch rows).
+
+        Default: every tensor attribute (batch first, as all stores keep them) and every attribute
+        that itself has ``batch_apply`` (a :class:`~kvcompile.strategies.quant.KiviBuffer`, a
+        sub-store); a tuple of tensors is mapped element-wise.
+        """
+        for name, val in list(vars(self).items()):
+            if isinstance(val, torch.Tensor):
+                setattr(self, name, fn(val).contiguous())
+            elif hasattr(val, "batch_apply"):
+                val.batch_apply(fn)
+            elif isinstance(val, tuple) and val and all(isinstance(t, torch.Tensor) for t in val):
+                setattr(self, name, tuple(fn(t).contiguous() for t in val))
+
+    def crop(self, tokens: int) -> None:
+        """Forget the newest ``tokens`` tokens (assisted decoding, prompt lookup); formats that
+        cannot restore their earlier state raise NotImplementedError naming why."""
+        raise NotImplementedError(f"{type(self).__name__} cannot forget its newest tokens (crop)")
+
+    def reserve(self, context: int) -> None:  # noqa: B027 - optional hook
+        """Preallocate for a sequence of ``context`` tokens (the plan's); stores that grow in place use it."""
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated (preallocated capacity included); equals :meth:`nbytes` unless a store reserves."""
+        return self.nbytes()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The physical tensors held (name -> tensor), for inspection and accounting."""

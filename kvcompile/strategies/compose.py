@@ -88,6 +88,16 @@ class ComposeStore(Store):
         self.sel: SelectStore | None = SelectStore(strategy.select, dtype)
         self.buf = KiviBuffer(strategy.quant, head_dim, dtype, with_pos=True)
         self.tokens_seen = 0
+        self.context: int | None = None
+
+    def reserve(self, context: int) -> None:
+        self.context = context  # capacity is sized at the prefill: kept(prefill) + later tokens
+
+    def crop(self, tokens: int) -> None:
+        if self.sel is not None:
+            raise NotImplementedError("compose: nothing to crop before the prefill")
+        self.buf.crop(tokens)
+        self.tokens_seen -= tokens
 
     def attend(self, q, k_new, v_new, valid_new, scale):
         if self.sel is not None:
@@ -98,6 +108,8 @@ class ComposeStore(Store):
         B, Hg, T = k_new.shape[:3]
         if self.sel is not None:
             self.sel.append(k_new, v_new, q_new, valid_new)
+            if self.context is not None:
+                self.buf.reserve(self.sel.k.shape[2] + max(0, self.context - T))
             self.buf.push(self.sel.k, self.sel.v, self.sel.pos)
             self.sel = None
         else:
@@ -108,6 +120,9 @@ class ComposeStore(Store):
 
     def nbytes(self) -> int:
         return self.buf.nbytes()
+
+    def reserved_nbytes(self) -> int:
+        return self.buf.reserved_nbytes()
 
     def tensors(self):
         return self.buf.tensors()
@@ -194,6 +209,12 @@ class MiKVStore(Store):
 
     def nbytes(self) -> int:
         return self.hi.nbytes() + self.lo.nbytes()
+
+    def reserved_nbytes(self) -> int:
+        return self.hi.nbytes() + self.lo.reserved_nbytes()
+
+    def crop(self, tokens: int) -> None:
+        raise NotImplementedError("mikv cannot forget tokens: evictions already moved tokens to its low-bit store")
 
     def tensors(self):
         return {**self.hi.tensors(), **{f"lo_{n}": t for n, t in self.lo.tensors().items()}}

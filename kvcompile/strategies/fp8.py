@@ -90,6 +90,11 @@ class FP8Store(Store):
     def nbytes(self) -> int:
         return tensor_bytes(self.k, self.v, self.k_scale, self.v_scale)
 
+    def crop(self, tokens: int) -> None:  # scales are fixed at the prefill: dropping codes is exact
+        if self.k is not None and tokens:
+            self.k, self.v = self.k[:, :, :-tokens], self.v[:, :, :-tokens]
+            self.tokens_seen -= tokens
+
     def tensors(self):
         names = ("k", "v", "k_scale", "v_scale")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

@@ -86,5 +86,10 @@ class FullStore(Store):
     def nbytes(self) -> int:
         return tensor_bytes(self.k, self.v)
 
+    def crop(self, tokens: int) -> None:
+        if self.k is not None and tokens:
+            self.k, self.v = self.k[:, :, :-tokens], self.v[:, :, :-tokens]
+            self.tokens_seen -= tokens
+
     def tensors(self):
         return {"k": self.k, "v": self.v} if self.k is not None else {}

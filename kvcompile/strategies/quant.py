@@ -110,76 +110,186 @@ class KiviBuffer:
     ``k_res``/``v_res`` [B, Hg, Nr, D] model dtype (the newest tokens, in order after the codes);
     ``pos`` int32 [B, Hg, Nq+Nr] only for compositions (original positions, -1 = empty slot).
     Slot validity: ``pos >= 0`` when ``pos`` is kept, else ``slot >= lead[b]`` (left padding).
+
+    Memory: each of these is a view of a capacity buffer allocated once (first push), sized by
+    :meth:`reserve` (the runtime reserves the plan's context) and grown by doubling only if a
+    sequence outruns it, so a decode step copies nothing but its own token: codes are written in
+    place at flush, the residual is a fixed ``R + G`` slot window shifted left by ``G`` per flush.
+    :meth:`nbytes` counts the live views (what ``bytes_for`` predicts); :meth:`reserved_nbytes`
+    the allocation.
     """
+
+    NAMES = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
     def __init__(self, strategy: Quant, head_dim: int, dtype: torch.dtype, with_pos: bool) -> None:
         self.s, self.D, self.dtype, self.with_pos = strategy, head_dim, dtype, with_pos
         self.vg = strategy.vg(head_dim)
-        self.k_codes = self.k_scale = self.k_zero = None
-        self.v_codes = self.v_scale = self.v_zero = None
-        self.k_res: torch.Tensor | None = None
-        self.v_res: torch.Tensor | None = None
-        self.pos: torch.Tensor | None = None
         self.lead: torch.Tensor | None = None
-        self.nq = 0
+        self.nq = 0  # quantized slots
+        self.nr = 0  # residual slots
+        self._want = 0  # tokens to reserve at the first push
+        self._cap: dict[str, torch.Tensor] = {}  # capacity buffers (see class docstring)
+
+    def reserve(self, tokens: int) -> None:
+        """Size the capacity buffers for ``tokens`` slots when they are first allocated."""
+        self._want = max(self._want, int(tokens))
+
+    # ---- live views ----------------------------------------------------------------------------
+    def _view(self, name: str, n: int) -> torch.Tensor | None:
+        t = self._cap.get(name)
+        return None if t is None else t[:, :, :n]
+
+    k_codes = property(lambda self: self._view("k_codes", self.nq) if self.nq else None)
+    v_codes = property(lambda self: self._view("v_codes", self.nq) if self.nq else None)
+    k_scale = property(lambda self: self._view("k_scale", self.nq // self.s.group) if self.nq else None)
+    k_zero = property(lambda self: self._view("k_zero", self.nq // self.s.group) if self.nq else None)
+    v_scale = property(lambda self: self._view("v_scale", self.nq) if self.nq else None)
+    v_zero = property(lambda self: self._view("v_zero", self.nq) if self.nq else None)
+    k_res = property(lambda self: self._view("k_res", self.nr))
+    v_res = property(lambda self: self._view("v_res", self.nr))
+    pos = property(lambda self: self._view("pos", self.nq + self.nr))
 
     @property
     def n(self) -> int:
-        return self.nq + (0 if self.k_res is None else self.k_res.shape[2])
+        return self.nq + self.nr
 
+    def capacity(self, name: str) -> torch.Tensor:
+        """The whole capacity buffer ``name`` (kernels read its first slots in place)."""
+        return self._cap[name]
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def _alloc(self, like: torch.Tensor, q_slots: int, r_slots: int) -> None:
+        """(Re)allocate so ``q_slots`` quantized and ``r_slots`` residual slots fit, keeping contents."""
+        B, Hg, dev, D, s = like.shape[0], like.shape[1], like.device, self.D, self.s
+        G = s.group
+        old_q = self._cap["k_codes"].shape[2] if self._cap else -1
+        old_r = self._cap["k_res"].shape[2] if self._cap else -1
+        want_q = self.s.split(self._want)[0] if self._want else 0
+        cap_q = q_slots if q_slots <= old_q else max(q_slots, want_q, 2 * max(old_q, 0))
+        cap_q = -(-cap_q // G) * G
+        cap_r = max(r_slots, s.r + G) if r_slots > old_r or old_r > 2 * (s.r + G) else old_r
+        if cap_q == old_q and cap_r == old_r:
+            return
+        row, f16 = D * s.bits // 8, torch.float16
+        shapes = {
+            "k_codes": ((cap_q, row), torch.uint8), "v_codes": ((cap_q, row), torch.uint8),
+            "k_scale": ((cap_q // G, D), f16), "k_zero": ((cap_q // G, D), f16),
+            "v_scale": ((cap_q, D // self.vg), f16), "v_zero": ((cap_q, D // self.vg), f16),
+            "k_res": ((cap_r, D), self.dtype), "v_res": ((cap_r, D), self.dtype),
+        }  # fmt: skip
+        if self.with_pos:
+            shapes["pos"] = ((cap_q + cap_r,), torch.int32)
+        live = {"k_codes": self.nq, "v_codes": self.nq, "k_scale": self.nq // G, "k_zero": self.nq // G,
+                "v_scale": self.nq, "v_zero": self.nq, "k_res": self.nr, "v_res": self.nr, "pos": self.n}  # fmt: skip
+        cap = {}
+        for name, (shape, dtype) in shapes.items():
+            t = torch.zeros(B, Hg, *shape, dtype=dtype, device=dev)
+            if name == "pos":
+                t.fill_(-1)
+            if name in self._cap and live[name]:
+                t[:, :, : live[name]] = self._cap[name][:, :, : live[name]]
+            cap[name] = t
+        self._cap = cap
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated (capacity buffers), >= :meth:`nbytes`."""
+        return tensor_bytes(*self._cap.values())
+
+    # ---- writes --------------------------------------------------------------------------------
     def slot_ok(self, start: int, end: int) -> torch.Tensor:
         """[B, Hg or 1, end-start] bool validity of slots ``start..end``."""
-        if self.pos is not None:
-            return self.pos[:, :, start:end] >= 0
+        if self.with_pos:
+            return self._cap["pos"][:, :, start:end] >= 0
         if self.lead is None:
             raise RuntimeError("KiviBuffer: set lead (or keep pos) before pushing tokens")
         slot = torch.arange(start, end, device=self.lead.device)
         return (slot[None, :] >= self.lead[:, None])[:, None, :]
 
+    def append_residual(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None) -> None:
+        """Write tokens [B, Hg, T, D] (and their ``pos`` [B, Hg, T]) after the residual, unflushed."""
+        if self.with_pos and pos is None:
+            raise ValueError("pos: required by a KiviBuffer that keeps positions")
+        T = k.shape[2]
+        self._alloc(k, self.nq, self.nr + T)
+        self._cap["k_res"][:, :, self.nr : self.nr + T] = k
+        self._cap["v_res"][:, :, self.nr : self.nr + T] = v
+        if self.with_pos:
+            self._cap["pos"][:, :, self.n : self.n + T] = pos
+        self.nr += T
+
+    def pending(self) -> int:
+        """Residual tokens due for quantization now (a multiple of ``group``; 0 most steps)."""
+        return self.s.split(self.n)[0] - self.nq
+
+    def quantize_ref(self, f: int) -> dict[str, torch.Tensor]:
+        """The reference quantization of the oldest ``f`` residual tokens (codes, scales, zeros)."""
+        key_ok = self.slot_ok(self.nq, self.nq + f)[..., None]
+        kq = qr.quantize_keys(self._cap["k_res"][:, :, :f], self.s.bits, self.s.group, key_ok)
+        vq = qr.quantize_values(self._cap["v_res"][:, :, :f], self.s.bits, self.vg)
+        return dict(zip(self.NAMES, kq + vq, strict=True))
+
+    def commit(self, new: dict[str, torch.Tensor], f: int) -> None:
+        """Store the quantized oldest ``f`` residual tokens (``new`` as from :meth:`quantize_ref`)."""
+        G, nq = self.s.group, self.nq
+        self._alloc(self._cap["k_res"], nq + f, self.nr)
+        at = {"k_scale": nq // G, "k_zero": nq // G}
+        for name, t in new.items():
+            a = at.get(name, nq)
+            self._cap[name][:, :, a : a + t.shape[2]] = t
+        rest = self.nr - f
+        for name in ("k_res", "v_res"):
+            buf = self._cap[name]
+            buf[:, :, :rest] = buf[:, :, f : self.nr].clone()
+        self.nq, self.nr = nq + f, rest
+        self._alloc(self._cap["k_res"], self.nq, self.nr)  # shrink the residual after a long push
+
     def push(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None) -> None:
         """Append tokens [B, Hg, T, D] (and their ``pos`` [B, Hg, T]) and flush full groups."""
-        k, v = k.to(self.dtype), v.to(self.dtype)
-        k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)
-        v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
-        self.k_res, self.v_res = k_res, v_res
-        if self.with_pos:
-            if pos is None:
-                raise ValueError("pos: required by a KiviBuffer that keeps positions")
-            self.pos = pos if self.pos is None else torch.cat([self.pos, pos], dim=2)
-        nq, _ = self.s.split(self.n)
-        f = nq - self.nq
-        if f <= 0:
-            return
-        s, G = self.s, self.s.group
-        key_ok = self.slot_ok(self.nq, nq)[..., None]
-        kq = qr.quantize_keys(k_res[:, :, :f], s.bits, G, key_ok)
-        vq = qr.quantize_values(v_res[:, :, :f], s.bits, self.vg)
-        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
-        for name, t in zip(names, kq + vq, strict=True):
-            old = getattr(self, name)
-            setattr(self, name, t if old is None else torch.cat([old, t], dim=2))
-        self.k_res, self.v_res = k_res[:, :, f:].contiguous(), v_res[:, :, f:].contiguous()
-        self.nq = nq
+        self.append_residual(k.to(self.dtype), v.to(self.dtype), pos)
+        f = self.pending()
+        if f > 0:
+            self.commit(self.quantize_ref(f), f)
 
     def dequant(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K, V [B, Hg, Nq+Nr, D] in the model dtype, validity [B, Hg or 1, Nq+Nr])."""
         s = self.s
-        if self.k_res is None or self.v_res is None:
+        if not self._cap or self.n == 0:
             raise RuntimeError("KiviBuffer.dequant: nothing pushed yet")
+        k_res, v_res = self.k_res, self.v_res
         if self.nq:
             kq = qr.dequantize_keys(self.k_codes, self.k_scale, self.k_zero, s.bits, s.group).to(self.dtype)
             vq = qr.dequantize_values(self.v_codes, self.v_scale, self.v_zero, s.bits, self.vg).to(self.dtype)
-            k, v = torch.cat([kq, self.k_res], dim=2), torch.cat([vq, self.v_res], dim=2)
+            k, v = torch.cat([kq, k_res], dim=2), torch.cat([vq, v_res], dim=2)
         else:
-            k, v = self.k_res, self.v_res
+            k, v = k_res, v_res
         return k, v, self.slot_ok(0, self.n)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ["k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_res", "v_res", "pos"]
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        names = [*self.NAMES, "k_res", "v_res", "pos"]
+        out = {n: getattr(self, n) for n in names}
+        return {n: t for n, t in out.items() if t is not None}
 
     def nbytes(self) -> int:
         return tensor_bytes(*self.tensors().values())
+
+    def crop(self, m: int) -> None:
+        """Forget the newest ``m`` tokens; only the fp residual can give tokens back (a flushed group's
+        scales and zeros were fitted to all its tokens, so it cannot be un-quantized exactly)."""
+        if m > self.nr:
+            raise NotImplementedError(
+                f"KIVI buffer cannot forget {m} tokens: only the {self.nr} newest are unquantized "
+                "(a flushed group cannot be un-quantized)"
+            )
+        if self.with_pos and m:
+            self._cap["pos"][:, :, self.n - m : self.n] = -1
+        self.nr -= m
+
+    # ---- batch ops (beam search) ---------------------------------------------------------------
+    def batch_apply(self, fn) -> None:
+        """Apply ``fn`` (a [B, ...] -> [B', ...] row map) to every buffer and the left-padding counts."""
+        self._cap = {n: fn(t).contiguous() for n, t in self._cap.items()}
+        if self.lead is not None:
+            self.lead = fn(self.lead).contiguous()
 
 
 def attend_over(stored: tuple[torch.Tensor, ...] | None, q, k_new, v_new, valid_new, scale) -> torch.Tensor:
@@ -213,6 +323,16 @@ class QuantStore(Store):
 
     def nbytes(self) -> int:
         return self.buf.nbytes()
+
+    def reserve(self, context: int) -> None:
+        self.buf.reserve(context)
+
+    def crop(self, tokens: int) -> None:
+        self.buf.crop(tokens)
+        self.tokens_seen -= tokens
+
+    def reserved_nbytes(self) -> int:
+        return self.buf.reserved_nbytes()
 
     def tensors(self):
         return self.buf.tensors()
