@@ -48,6 +48,7 @@ def optimize(
     gpus: int | None = None,
     progress: bool = True,
     tokenizer: Any = None,
+    engine: str | None = None,
     **options: Any,
 ) -> Plan:
     """Compile ``model`` for ``target`` into a sealed :class:`~kvcompile.plan.Plan`.
@@ -83,6 +84,13 @@ def optimize(
     """
     say = _Progress(progress)
     tgt = _resolve_target(target, gpus)
+    if engine is not None:  # a serving engine: only its correct per-layer settings (kvcompile/engines)
+        from .engines import get as get_engine
+
+        get_engine(engine)
+        options = {**options, "engine": engine, "max_kernels_per_layer": 1}
+        if kv_budget is None and kv_budget_bytes is None and latency_budget_s is None:
+            kv_budget = 1.0  # the engine's uncompressed setting still has to be chosen
     try:
         config = PlanConfig(
             context=context,
@@ -123,7 +131,10 @@ def optimize(
     program = run_pipeline(program, ctx)
     timings = dict(program.facts.get("pass_timings", {}))
     say("passes: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    return plan_from_program(program, ctx)
+    plan = plan_from_program(program, ctx)
+    if engine is not None:
+        plan = plan.model_copy(update={"engine": get_engine(engine).record(plan, tgt)}).sealed()
+    return plan
 
 
 def plan_from_program(program: Program, ctx: PassContext) -> Plan:

@@ -1,4 +1,4 @@
-"""The ``kvcompile`` command line: compile, inspect, targets, eval, bench.
+"""The ``kvcompile`` command line: compile, inspect, targets, serve, eval, bench.
 
 Every expected failure (bad plan file, unknown target, unloadable model, uncapturable model, bad
 setting) prints one line on stderr and exits with status 2, without a traceback.
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--objective", default="min-damage", help="planner objective")
     c.add_argument("--calibration", default=None, help="calibration set name")
     c.add_argument("--no-progress", action="store_true", help="no per-stage lines on stderr")
+    c.add_argument("--engine", default=None, help="serving engine to compile for (vllm): its correct settings only")
     c.add_argument("-o", "--output", default=None, help="output file (default out/<model>.kvplan)")
 
     i = sub.add_parser("inspect", help="print a plan: per layer / KV head strategies and bytes, totals")
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--heatmap", default=None, metavar="PNG", help="also save a layer x head heatmap")
 
     sub.add_parser("targets", help="list hardware targets")
+    s = sub.add_parser("serve", help="serve a plan compiled with --engine vllm (OpenAI-compatible server)")
+    s.add_argument("plan")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="KV cache bytes for vLLM")
+    s.add_argument("--model-dir", default=None, help="HF directory of the plan's model (default: found)")
     sub.add_parser("eval", help="evaluate a plan (see `kvcompile eval --help`)", add_help=False)
     sub.add_parser("bench", help="benchmark kernels (see `kvcompile bench --help`)", add_help=False)
     return p
@@ -84,6 +91,7 @@ def _compile(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         gpus=args.gpus,
         progress=not args.no_progress,
+        engine=args.engine,
     )
     out = Path(args.output or f"out/{Path(args.model).stem}.kvplan")
     plan.save(out)
@@ -130,7 +138,24 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"compile": _compile, "inspect": _inspect, "targets": _targets}
+def _serve(args: argparse.Namespace) -> int:
+    """Check the plan (one-line refusal, server not started), then become vLLM's OpenAI server."""
+    import os
+
+    from .engines.vllm import check, serve_argv
+    from .plan import load
+
+    plan = load(args.plan)
+    check(plan, model_dir=args.model_dir)
+    argv = serve_argv(plan, args.plan, host=args.host, port=args.port, kv_cache_memory_bytes=args.kv_cache_memory,
+                      model=args.model_dir)
+    print(f"kvcompile serve: {plan.model.name} on http://{args.host}:{args.port}/v1 (plan {plan.content_hash[:12]})",
+          file=sys.stderr, flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv])
+    return 0  # not reached
+
+
+_COMMANDS = {"compile": _compile, "inspect": _inspect, "targets": _targets, "serve": _serve}
 _DELEGATES = {"eval": "kvcompile.eval.cli", "bench": "kvcompile.codegen.bench"}
 
 

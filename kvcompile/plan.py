@@ -163,6 +163,7 @@ class Plan(BaseModel):
     schedule: list[dict[str, Json]] | None = None  # runtime schedule (codegen.lower), checked on load
     kernels: dict[str, dict[str, Json]] | None = None  # kernel records by uri, checked on load
     notes: list[Annotated[str, Field(max_length=MAX_NOTE)]] = Field(default_factory=list, max_length=4096)
+    engine: dict[str, Json] | None = None  # serving engine the plan was compiled for (kvcompile.engines)
     content_hash: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
 
     # ---- strategies and bytes --------------------------------------------------------------
@@ -324,7 +325,8 @@ class Plan(BaseModel):
 
     # ---- hashing and files --------------------------------------------------------------------
     def compute_hash(self) -> str:
-        body = self.model_dump(mode="json", exclude={"content_hash"})
+        # ``engine`` is hashed only when set, so plans written before the field existed keep their hash
+        body = self.model_dump(mode="json", exclude={"content_hash"} | ({"engine"} if self.engine is None else set()))
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)  # NaN has no JSON form
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -77,19 +77,22 @@ def assign_candidates(program: Program, ctx: PassContext) -> Program:
 
     Guarantees: specs are unique (canonical JSON); ``per_layer[l]`` lists the indices valid for layer
     ``l`` (``validate_for(head_dim, context)`` passes and the target stores the format); every layer
-    keeps at least ``full`` (the model-dtype cache), so the problem is never empty.
+    keeps at least ``full`` (the model-dtype cache), so the problem is never empty; with ``options["engine"]``
+    the grid is that engine's per-layer settings only (``kvcompile.engines.<name>.candidates``).
     """
     if not needs_solve(ctx.config):
         return program
     context = int(ctx.config.context)
     grid: list[Strategy] = []
     seen: set[str] = set()
-    for s in candidate_grid(context, ctx.options):
+    engine = ctx.options.get("engine")  # a serving engine's own settings only (kvcompile/engines)
+    source = _engine_grid(engine, context, ctx.target) if engine else candidate_grid(context, ctx.options)
+    for s in source:
         key = json.dumps(s.to_spec(), sort_keys=True)
         if key not in seen and target_allows(s, ctx.target):
             seen.add(key)
             grid.append(s)
-    if not any(isinstance(s, Full) and s.dtype == "model" for s in grid):
+    if not engine and not any(isinstance(s, Full) and s.dtype == "model" for s in grid):
         grid.insert(0, Full())
     per_layer = []
     for site in program.sites:
@@ -103,3 +106,9 @@ def assign_candidates(program: Program, ctx: PassContext) -> Program:
         per_layer.append(ok)
     fact = {"context": context, "specs": [s.to_spec() for s in grid], "per_layer": per_layer}
     return program.with_facts(candidates=fact)
+
+
+def _engine_grid(name: str, context: int, target: Target) -> list[Strategy]:
+    from ..engines import get
+
+    return list(get(name).candidates(context, target))

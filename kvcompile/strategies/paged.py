@@ -114,7 +114,7 @@ class PagedStore(Store):
         return (x.float() * scale).to(self.dtype)
 
     def attend(self, q, k_new, v_new, valid_new, scale):
-        B, T = q.shape[0], q.shape[2]
+        T = q.shape[2]
         lead = self.lead if self.lead is not None else leading_pads(valid_new)
         # the engine stores first, then attends over the cache: new tokens are read back quantized too
         k_new = self._decode(self._encode(k_new, self.s.k_scale), self.s.k_scale)

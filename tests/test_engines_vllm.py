@@ -1,0 +1,97 @@
+"""A kvcompile plan executed by vLLM itself (in-process, one shared engine): capacity vLLM reports equals
+the plan's prediction, the paged emulation reproduces vLLM's logits, bad plans are refused before start.
+
+Skipped when vLLM is not importable (the main venv); ``make vllm`` builds ``.venv-vllm`` where it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: ~20 s start, no workers
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+vllm = pytest.importorskip("vllm")
+
+from kvcompile._compat import cache_kw  # noqa: E402
+from kvcompile.engines import EngineError  # noqa: E402
+from kvcompile.engines import vllm as ev  # noqa: E402
+from kvcompile.runtime.builders import plan_for  # noqa: E402
+from kvcompile.targets import load_target  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CONTEXT, WINDOW, MEM = 512, 64, 64 << 20
+# per layer: bf16 full / fp8 full / fp8 + window, 10 layers each (vLLM groups them without padding)
+SETTINGS = [
+    {"name": "paged", "kv_dtype": "bfloat16"},
+    {"name": "paged", "kv_dtype": "fp8_e4m3"},
+    {"name": "paged", "kv_dtype": "fp8_e4m3", "window": WINDOW},
+]
+# emulation tolerance: mean |log p(token)| difference over the prompt, in nats, vLLM (bf16 weights) vs
+# kvcompile's paged store on the fp32 model; most of it is the weights' bf16 rounding
+EMULATION_TOL = 0.1
+
+
+def _save(plan, path):
+    plan.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(smol, tmp_path_factory):
+    plan = plan_for(smol, lambda layer, head: SETTINGS[layer % 3], CONTEXT, target="cpu")
+    plan = plan.model_copy(update={"engine": ev.record(plan, load_target("cpu"))}).sealed()
+    path = _save(plan, tmp_path_factory.mktemp("plan") / "mixed.kvplan")
+    llm = ev.llm(path, kv_cache_memory_bytes=MEM)
+    return plan, path, llm
+
+
+def test_vllm_capacity_equals_the_plan_prediction(served):
+    plan, _, llm = served
+    cc = llm.llm_engine.vllm_config.cache_config
+    site = plan.model.sites[0]
+    pred = ev.predict_capacity(plan.engine["layers"], num_kv_heads=site.num_kv_heads, head_dim=site.head_dim,
+                               max_model_len=CONTEXT, memory_bytes=MEM, block_size=ev.BLOCK_SIZE["cpu"])
+    assert cc.kv_cache_size_tokens == pytest.approx(pred["tokens"], rel=0.05)
+    # the windows and fp8 really are in vLLM's layers
+    attn = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.layers
+    got = [(layer.self_attn.attn.kv_cache_dtype, layer.self_attn.attn.sliding_window) for layer in attn]
+    assert got == [(s["kv_cache_dtype"], s["sliding_window"]) for s in plan.engine["layers"]]
+
+
+def _token_logprobs_hf(model, ids, cache):
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=cache is not None, **(cache_kw(cache) if cache else {}))
+    lp = torch.log_softmax(out.logits[0].float(), -1)
+    return torch.stack([lp[t - 1, ids[t]] for t in range(1, len(ids))])
+
+
+def test_emulated_formats_reproduce_vllm_logits(served, smol):
+    plan, _, llm = served
+    text = " ".join(f"Item {i} is {'red' if i % 3 else 'blue'} and weighs {i * 7 % 11} kg." for i in range(30))
+    ids = smol.tokenizer(text)["input_ids"][:300]
+    assert len(ids) > 3 * WINDOW
+    out = llm.generate({"prompt_token_ids": ids}, vllm.SamplingParams(max_tokens=1, prompt_logprobs=0))
+    got = torch.tensor([out[0].prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))])
+    emulated = _token_logprobs_hf(smol.model, ids, plan.make_cache(smol.model))
+    full = _token_logprobs_hf(smol.model, ids, None)
+    err_emu, err_full = (got - emulated).abs().mean().item(), (got - full).abs().mean().item()
+    assert err_emu < EMULATION_TOL, (err_emu, err_full)
+    assert err_emu < 0.5 * err_full, (err_emu, err_full)  # the windows/fp8 matter and are reproduced
+
+
+def test_plans_vllm_must_not_run_are_refused_before_start(served, smol, tmp_path):
+    plan, _, _ = served
+    other_version = plan.model_copy(update={"engine": {**plan.engine, "version": "0.0.1"}}).sealed()
+    with pytest.raises(EngineError, match="0.0.1"):
+        ev.llm(_save(other_version, tmp_path / "v.kvplan"))
+    other_model = plan.model_copy(update={"model": plan.model.model_copy(update={"fingerprint": "0" * 20})}).sealed()
+    with pytest.raises(EngineError, match="another model"):
+        ev.llm(_save(other_model, tmp_path / "m.kvplan"))
+    int4 = plan_for(smol, lambda layer, head: {"name": "quant", "bits": 4}, CONTEXT, target="cpu")
+    int4 = int4.model_copy(update={"engine": plan.engine}).sealed()
+    with pytest.raises(EngineError, match="not executed by vLLM"):
+        ev.llm(_save(int4, tmp_path / "q.kvplan"))
+
