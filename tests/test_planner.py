@@ -120,13 +120,15 @@ def test_smollm2_calibrated_compile_verifies(smol, tmp_path, monkeypatch):
     assert plan.predicted["damage_source"] == "calibration"
     assert plan.predicted["kv_bytes_at_context"] <= 0.6 * plan.predicted["full_bf16_kv_bytes_at_context"]
     m = plan.measured
-    assert m["samples"] == 2 and {"kl", "ppl_full", "ppl_plan", "passkey_full", "passkey_plan"} <= set(m)
-    assert m["kl"] >= 0 and m["ppl_full"] > 1
+    assert m["samples"] == 5 and {"ppl_full", "ppl_plan", "accuracy_full", "accuracy_plan"} <= set(m)
+    assert set(m["families"]) == {"single", "multi", "twohop", "followup", "lm"}  # per-family numbers
+    assert all(v["n"] == 1 for v in m["families"].values()) and m["ppl_full"] > 1
     assert smol.model.config._attn_implementation == before  # calibration/verify restore it
     # warm calibration cache: same plan, byte for byte
     again = optimize(smol, **kw)
     assert again.to_json() == plan.to_json()
     # an impossible tolerance: one tightened re-solve, then an honest failure note
-    strict = optimize(smol, **{**kw, "tolerance": -1.0, "verify_iterations": 1})
+    strict = optimize(smol, **{**kw, "tolerance": 0.0, "verify_iterations": 1})
     assert strict.measured["iterations"] == 2 and strict.measured["within_tolerance"] is False
+    assert strict.measured["failing"] and set(strict.measured["failing"]) <= set(m["families"])
     assert any("verification FAILED" in n for n in strict.notes)

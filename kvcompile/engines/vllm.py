@@ -223,15 +223,21 @@ def _vllm_platform_is_cpu() -> bool:
 
 def model_dir(plan: Plan) -> Path:
     """The HF directory vLLM loads for the plan's model (the embedded model: kvcompile's safetensors copy)."""
-    from ..models import EMBEDDED_DEFAULT, load
+    from ..models import EMBEDDED_DEFAULT
 
     if plan.model.name != EMBEDDED_DEFAULT:
         path = Path(plan.model.name)
         if not (path / "config.json").is_file():
             raise EngineError(f"cannot find the model of the plan ({plan.model.name!r}): pass model_dir=")
         return path
-    loaded = load(EMBEDDED_DEFAULT)  # writes the safetensors copy once (atomic), then reloads it in ~1 s
-    config: Any = loaded.model.config
+    return embedded_model_dir()
+
+
+def embedded_model_dir() -> Path:
+    """kvcompile's safetensors copy of the embedded GGUF model (written once, atomically, ~20 s)."""
+    from ..models import EMBEDDED_DEFAULT, load
+
+    config: Any = load(EMBEDDED_DEFAULT).model.config
     return Path(str(config.name_or_path))
 
 

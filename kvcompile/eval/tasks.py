@@ -133,7 +133,11 @@ def cache_nbytes(cache: Any) -> int | None:
 @torch.no_grad()
 def prefill_context(model: torch.nn.Module, sample: Sample, cache: Any) -> torch.Tensor:
     """Push ``ids[:, :context_len]`` through ``cache``; returns the last position's logits [1, 1, V]."""
+    from ..strategies.kvzip import has_kvzip, kvzip_prefill
+
     ids = sample.ids.to(next(model.parameters()).device)
+    if has_kvzip(cache):  # KVzip groups score the context by re-reading it, then compact
+        return kvzip_prefill(model, ids[:, : sample.context_len], cache, logits_to_keep=1).logits
     return model(ids[:, : sample.context_len], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
 
 

@@ -57,7 +57,7 @@ from .calibration_set import CalibrationSample, build_sample, load_set
 
 log = logging.getLogger("kvcompile.passes.calibrate")
 
-CALIB_VERSION = 3
+CALIB_VERSION = 4
 LAST_WEIGHT = 0.5  # share of the final observation position (the answer query) in every average
 ATTN_NAME = "kvcompile_calibrate"
 TOKEN_FIELDS = ("window", "budget", "recent", "decode_window")
@@ -225,8 +225,13 @@ def _run_sample(
     """(damage[l][h][c], sensitivity[l]) on one sample (Fisher-weighted squared error, module docstring)."""
     from transformers import DynamicCache
 
+    from ..strategies.kvzip import KVzip, injected_scores, reconstruction_scores
+
     ids = torch.tensor([sample.ids], dtype=torch.long)
     ctx_len, n = sample.context_len, len(sample.ids)
+    zips = [c for c in cands if isinstance(c, KVzip)]
+    # KVzip's context-reconstruction scores (one extra pass over the context), injected per layer below
+    zscores = reconstruction_scores(model, ids[:, :ctx_len], chunk=min(c.chunk for c in zips)) if zips else None
     cache = DynamicCache(config=model.config)
     probe = _Probe(record={})
     with probing(model, probe):
@@ -259,7 +264,8 @@ def _run_sample(
                 if lossless(s, dtype):
                     per_cand.append(torch.zeros(hk))
                     continue
-                sq = head_errors(s, q, k, v, ctx_len, scale, ref, absolute=True)  # [Hq, t]
+                with injected_scores(zscores[layer] if zscores is not None and isinstance(s, KVzip) else None):
+                    sq = head_errors(s, q, k, v, ctx_len, scale, ref, absolute=True)  # [Hq, t]
                 # E[dNLL] ~ 1/2 * sum_t ||g_t||^2 ||delta_t||^2 / D  (diagonal empirical Fisher)
                 per_cand.append((0.5 * w * sq / d).view(hk, hq // hk, t).sum((1, 2)))
             damage.append(torch.stack(per_cand, dim=1).tolist())  # [Hk][C]

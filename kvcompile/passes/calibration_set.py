@@ -1,15 +1,19 @@
 """The shipped calibration sets (``kvcompile/data/calibration/<name>.json``) turned into token ids.
 
-A set names a text file, a sample length in tokens, an observation window and a list of samples:
+Samples come from the shared task library :mod:`kvcompile.eval.suite` (the same code ``kvcompile eval``
+and the benchmarks use): a set lists ``samples`` (what ``calibrate`` measures damage on, from the suite's
+``split``, by default ``calib``) and ``heldout`` (what ``verify_plan`` measures, from ``heldout_split``,
+by default ``verify``: disjoint phrasings, names and filler texts, and families never calibrated on).
+Each item is ``{"kind": FAMILY, "seed": N}``:
 
-* ``passkey``: chat-framed filler prose with a 5-digit pass key at ``depth``, then the question, the
-  assistant's answer prefix and the answer (scored). The prefix up to the question is the compressible
-  *context*; the rest are the observation queries (question-agnostic: they arrive after compression).
-* ``prose``: running prose; the last ``obs_window`` tokens are the observation queries.
+* retrieval families (``single``, ``multi``, ``twohop``, ``followup``): the chat-framed context (filler
+  text with the facts), then the question, the assistant's answer prefix and the answer (scored). The
+  prefix up to the question is the compressible *context*; the rest are the observation queries
+  (question-agnostic: they arrive after compression).
+* ``lm``: running text; the last tokens (at most ``obs_window``) are the observation queries.
 
-Everything is deterministic for a given tokenizer: filler offsets and keys come from
-``random.Random(seed)``. ``spec`` strings: ``NAME`` (a shipped set), ``NAME:N`` (its first N samples),
-``NAME:NxT`` (N samples of T tokens), or a path to a set ``.json``.
+Everything is deterministic for a given tokenizer. ``spec`` strings: ``NAME`` (a shipped set), ``NAME:N``
+(its first N samples), ``NAME:NxT`` (N samples of T tokens), or a path to a set ``.json``.
 """
 
 from __future__ import annotations
@@ -17,27 +21,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
 import re
 from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "calibration"
 
-INTRO = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it.\n\n"
-)
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\n\nQuestion: What is the pass key? Answer with the number."
-ANSWER_PREFIX = "The pass key is"
-
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationSample:
     """``ids``: token ids; ``ids[:context_len]`` is compressed first; ``ids[answer_start:]`` are the
-    scored tokens (the key's digits after the answer prefix, or the prose continuation); ``answer``:
-    the key or ``""``. A model is prompted with ``ids[:answer_start]``."""
+    scored tokens (the answer after the answer prefix, or the text continuation); ``answer``: the
+    answer or ``""``. A model is prompted with ``ids[:answer_start]``."""
 
     kind: str
     ids: tuple[int, ...]
@@ -49,12 +44,13 @@ class CalibrationSample:
 @dataclasses.dataclass(frozen=True)
 class CalibrationSet:
     name: str
-    digest: str  # SHA-256 over the set definition and its text: part of the calibration cache key
+    digest: str  # SHA-256 over the set definition and the suite's texts: part of the calibration cache key
     tokens: int
     obs_window: int
     samples: tuple[dict[str, Any], ...]
     heldout: tuple[dict[str, Any], ...]
-    text: str
+    split: str = "calib"
+    heldout_split: str = "verify"
 
 
 def available() -> list[str]:
@@ -63,15 +59,18 @@ def available() -> list[str]:
 
 def load_set(spec: str | None = None) -> CalibrationSet:
     """Parse a calibration spec (module docstring); ``None`` means ``"default"``."""
+    from ..eval import suite
+
     spec = spec or "default"
     name, _, size = spec.partition(":")
     path = Path(name) if name.endswith(".json") else DATA_DIR / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"calibration={spec!r}: no such set; shipped sets: {available()} (or a .json path)")
     raw = json.loads(path.read_text())
-    text_path = path.parent / raw["text"]
-    text = text_path.read_text()
     samples, tokens = list(raw["samples"]), int(raw["tokens"])
+    for item in samples + list(raw.get("heldout", ())):
+        if item.get("kind") not in suite.FAMILIES:
+            raise ValueError(f"calibration={spec!r}: sample kind {item.get('kind')!r} is not one of {suite.FAMILIES}")
     if size:
         m = re.fullmatch(r"(\d+)(?:x(\d+))?", size)
         if not m or int(m.group(1)) < 1:
@@ -83,62 +82,29 @@ def load_set(spec: str | None = None) -> CalibrationSet:
         tokens = int(m.group(2)) if m.group(2) else tokens
     if tokens < 128:
         raise ValueError(f"calibration={spec!r}: samples need at least 128 tokens, got {tokens}")
+    split, held_split = raw.get("split", "calib"), raw.get("heldout_split", "verify")
+    texts = "".join(suite.paragraphs(split)) + "".join(suite.paragraphs(held_split))
     digest = hashlib.sha256(
-        json.dumps({"raw": raw, "samples": samples, "tokens": tokens}, sort_keys=True).encode()
-        + text.encode()
+        json.dumps({"raw": raw, "samples": samples, "tokens": tokens, "suite": suite.VERSION}, sort_keys=True).encode()
+        + texts.encode()
     ).hexdigest()[:16]
     return CalibrationSet(
         name=spec, digest=digest, tokens=tokens, obs_window=int(raw["obs_window"]),
-        samples=tuple(samples), heldout=tuple(raw.get("heldout", ())), text=text,
+        samples=tuple(samples), heldout=tuple(raw.get("heldout", ())), split=split, heldout_split=held_split,
     )
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def build_sample(tokenizer: Any, cset: CalibrationSet, item: dict[str, Any], tokens: int | None = None,
+                 split: str | None = None) -> CalibrationSample:
+    """Token ids of one sample of ``tokens`` tokens (default: the set's length) from ``split`` (default:
+    the set's calibration split)."""
+    from ..eval import suite
 
-
-def _filler(tokenizer: Any, text: str, n: int, rng: random.Random) -> list[int]:
-    paras = [p for p in text.split("\n\n") if p.strip()]
-    i = rng.randrange(len(paras))
-    out: list[int] = []
-    while len(out) < n:
-        out.extend(_encode(tokenizer, " " + paras[i % len(paras)].strip()))
-        i += 1
-    return out[:n]
-
-
-def _chat_frame(tokenizer: Any) -> tuple[str, str]:
-    if not getattr(tokenizer, "chat_template", None):
-        return "", "\n"
-    mark = "\x00USER\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
-                                         add_generation_prompt=True)
-    before, after = text.split(mark)
-    return before, after
-
-
-def build_sample(tokenizer: Any, cset: CalibrationSet, item: dict[str, Any], tokens: int | None = None
-                 ) -> CalibrationSample:
-    """Token ids of one sample of ``tokens`` tokens (default: the set's length)."""
     n = tokens or cset.tokens
-    rng = random.Random(int(item["seed"]))
-    if item["kind"] == "prose":
-        ids = _filler(tokenizer, cset.text, n, rng)
+    s = suite.make_sample(tokenizer, item["kind"], split or cset.split, n, int(item["seed"]))
+    ids = [int(t) for t in s.ids[0].tolist()]
+    if item["kind"] == "lm":
         ctx = n - min(cset.obs_window, n // 4)
-        return CalibrationSample("prose", tuple(ids), ctx, "", ctx + 1)
-    if item["kind"] != "passkey":
-        raise ValueError(f"calibration sample kind {item['kind']!r} unknown (passkey or prose)")
-    key = f"{rng.randrange(10000, 100000)}"
-    before, after = _chat_frame(tokenizer)
-    head = _encode(tokenizer, before + INTRO)
-    needle = _encode(tokenizer, NEEDLE.format(key=key))
-    tail = _encode(tokenizer, QUESTION) + _encode(tokenizer, after + ANSWER_PREFIX)
-    digits = _encode(tokenizer, f" {key}.")
-    room = n - len(head) - len(needle) - len(tail) - len(digits)
-    if room < 32:
-        raise ValueError(f"calibration tokens={n} too short for the passkey frame")
-    filler = _filler(tokenizer, cset.text, room, rng)
-    cut = int(float(item.get("depth", 0.5)) * room)
-    context = head + filler[:cut] + needle + filler[cut:]
-    prompt = context + tail
-    return CalibrationSample("passkey", tuple(prompt + digits), len(context), key, len(prompt))
+        return CalibrationSample("lm", tuple(ids), ctx, "", ctx + 1)
+    answer = [int(t) for t in s.meta["answer_ids"]]
+    return CalibrationSample(item["kind"], tuple(ids + answer), s.context_len, s.answer, len(ids))
