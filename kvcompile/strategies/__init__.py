@@ -50,6 +50,7 @@ from .think import ThinK
 REGISTRY: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Full, FP8, Quant, SinkWindow, HeavyHitter, SnapKV, ThinK, Compose, MiKV, Paged)
 }
+REGISTRY.update({cls.name: cls for cls in (KVzip, KNorm)})  # strategies/kvzip.py (planner issue)
 
 
 def from_spec(spec: Mapping[str, Any], _depth: int = 0) -> Strategy:
