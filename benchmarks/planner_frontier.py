@@ -1,28 +1,39 @@
-"""Planner frontier on SmolLM2: the solved per-head plan vs every uniform strategy at the same real bytes.
+"""Planner frontier on SmolLM2: the compiled per-head plan vs uniform strategies and question-agnostic
+eviction baselines at the same real bytes, per task family, on workloads the planner never saw.
 
-Question-agnostic setting (the haystack is compressed before the question is seen), tasks from the eval
-harness (``kvcompile.eval``: passkey at the context length, perplexity of the last ``--ppl-target``
-tokens of a ``context``-token prose window). For each context and KV budget (a fraction of the full
-bfloat16 cache at that context):
+Workload: the ``test`` split of :mod:`kvcompile.eval.suite` (five families: ``single`` fact retrieval
+in digits / words / codes, ``multi`` facts with distractors, ``twohop`` lookups, ``followup`` second
+turn on the same cache, ``lm`` perplexity of the last 128 tokens). The planner calibrates on the ``calib``
+split and (not here: ``verify=False``) verifies on ``verify``: other phrasings, names and filler texts.
+Question-agnostic: the context goes through the cache before the question is seen.
 
-* ``planner``: ``kvcompile.optimize(model, context=C, kv_budget=b)`` (calibrated; verification off,
-  the benchmark is the verification);
-* every uniform family of the library whose size can be tuned, with its parameter set to the largest
-  value whose exact bytes at ``C`` fit the same budget (sink_window, snapkv, heavy_hitter,
-  compose(snapkv|sink_window + quant 4|2), mikv);
-* fixed-size uniform formats (fp8, quant 8/4/2, think) once per context at their own ratio.
+Methods per (context, budget = fraction of the full bf16 cache at that context):
 
-Real bytes are measured (``cache.nbytes()`` at the end of each sample) and reported as a fraction of
-the full bf16 cache for the same tokens. Results are written after every cell, so an interrupted run
-keeps what finished. Usage::
+* ``planner``: ``kvcompile.optimize(model, context=C, kv_budget=b)``, compiled once per context/budget;
+* baselines, each sized to the largest parameter whose exact bytes at ``C`` fit the budget:
+  ``streaming`` (StreamingLLM sinks + window), ``snapkv``, ``h2o``, ``tova`` (evict by the last context
+  query's attention: SnapKV with a 1-query window and no pooling), ``knorm`` (lowest key norms),
+  ``kvzip`` (context reconstruction), ``snapkv+q2`` / ``sink+q2`` (selection + 2-bit KIVI codes), and
+  the fixed-size uniform ``quant2`` / ``quant4`` where their ratio is at most the budget.
 
-    OMP_NUM_THREADS=1 python benchmarks/planner_frontier.py --contexts 1024,2048 --samples 5
+Stages (work is done in this order; ``--shard i/n`` takes every n-th unit; rows are appended to
+``results/planner_frontier.shard<i>.json`` after each sample and skipped when present, so a run resumes):
+1. 1k: full, planner (0.25, 0.125), ``--n`` samples per family;  2. 1k: every baseline, ``--screen``
+samples per family;  3. 2k: full and planner;  4. 2k: baselines screened;  5. 1k and 2k: the three
+strongest baselines per cell (by the screened pooled accuracy) up to ``--n``;  6. 4k: full and planner.
+``--merge`` writes ``results/planner_frontier.json`` (per cell and family: n, accuracy or ppl, measured
+bytes) and the PNG. Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/planner_frontier.py --shard 0/2 &
+    OMP_NUM_THREADS=1 python benchmarks/planner_frontier.py --shard 1/2 &
+    python benchmarks/planner_frontier.py --merge
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -32,23 +43,21 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent
-OUT = ROOT / "results" / "planner_frontier.json"
+RES = ROOT / "results"
+OUT = RES / "planner_frontier.json"
+HEAD_DIM, BF16 = 64, 2
+BASELINES = ("streaming", "snapkv", "h2o", "tova", "knorm", "kvzip", "snapkv+q2", "sink+q2", "quant2", "quant4")
 
 
-DB = {"bfloat16": 2, "float32": 4}  # bytes per stored element for the model dtype (set in main)
-ELEM = [2]
-
-
-def fit(build, context: int, target_bytes: int, lo: int = 1, hi: int | None = None):
-    """The strategy ``build(p)`` with the largest int ``p`` whose bytes at ``context`` fit (None if none)."""
-    hi = hi or context
-    best = None
+def fit(build, context: int, target_bytes: int):
+    """``build(p)`` with the largest int ``p`` whose bytes at ``context`` fit ``target_bytes`` (None if none)."""
+    lo, hi, best = 1, context, None
     while lo <= hi:
         mid = (lo + hi) // 2
         try:
             s = build(mid)
-            s.validate_for(head_dim=64, context=context)
-            ok = s.bytes_for(context, 64, ELEM[0]) <= target_bytes
+            s.validate_for(head_dim=HEAD_DIM, context=context)
+            ok = s.bytes_for(context, HEAD_DIM, BF16) <= target_bytes
         except ValueError:
             ok = False
         if ok:
@@ -58,87 +67,157 @@ def fit(build, context: int, target_bytes: int, lo: int = 1, hi: int | None = No
     return best
 
 
-def tunable(context: int, budget: float) -> dict[str, Any]:
-    from kvcompile.strategies import REGISTRY, HeavyHitter, Quant, SinkWindow, SnapKV
+def baseline(name: str, context: int, budget: float):
+    from kvcompile.strategies import Compose, HeavyHitter, KNorm, KVzip, Quant, SinkWindow, SnapKV
 
-    per_head = int(budget * 2 * context * 64 * 2)  # bf16 K+V of one head at `context` tokens
-    fams = {
-        "sink_window": lambda n: SinkWindow(sinks=4, window=n),
+    per_head = int(budget * 2 * context * HEAD_DIM * BF16)
+    builders = {
+        "streaming": lambda n: SinkWindow(sinks=4, window=n),
         "snapkv": lambda n: SnapKV(budget=n, obs_window=32),
-        "heavy_hitter": lambda n: HeavyHitter(budget=n, recent=max(1, n // 2)),
+        "h2o": lambda n: HeavyHitter(budget=n, recent=max(1, n // 2)),
+        "tova": lambda n: SnapKV(budget=n, obs_window=1, pool_kernel=1),
+        "knorm": lambda n: KNorm(budget=n),
+        "kvzip": lambda n: KVzip(budget=n),
+        "snapkv+q2": lambda n: Compose(select=SnapKV(budget=n, obs_window=32), quant=Quant(bits=2, group=32)),
+        "sink+q2": lambda n: Compose(select=SinkWindow(sinks=4, window=n), quant=Quant(bits=2, group=32)),
     }
-    if "compose" in REGISTRY:
-        for bits in (4, 2):
-            comp = REGISTRY["compose"]
-            fams[f"compose(snapkv+q{bits})"] = (
-                lambda n, b=bits, c=comp: c(select=SnapKV(budget=n, obs_window=32), quant=Quant(bits=b)))
-            fams[f"compose(sink+q{bits})"] = (
-                lambda n, b=bits, c=comp: c(select=SinkWindow(sinks=4, window=n), quant=Quant(bits=b)))
-    if "mikv" in REGISTRY:
-        fams["mikv"] = lambda n: REGISTRY["mikv"](select=HeavyHitter(budget=n, recent=max(1, n // 2)))
-    return {name: fit(b, context, per_head) for name, b in fams.items()}
+    if name in builders:
+        return fit(builders[name], context, per_head)
+    fixed = {"quant2": Quant(bits=2, group=32), "quant4": Quant(bits=4, group=32)}[name]
+    return fixed if fixed.bytes_for(context, HEAD_DIM, BF16) <= per_head else None
 
 
-def fixed() -> dict[str, Any]:
-    from kvcompile.strategies import FP8, REGISTRY, Quant
+# ---- work list ------------------------------------------------------------------------------------
+def units(args, ranking) -> list[tuple[int, float | None, str, str, int]]:
+    """(context, budget, method, family, sample index) in priority order (module docstring)."""
+    from kvcompile.eval.suite import FAMILIES
 
-    out = {"fp8": FP8(), "quant8": Quant(bits=8), "quant4": Quant(bits=4), "quant2": Quant(bits=2)}
-    if "think" in REGISTRY:
-        out["think0.25"] = REGISTRY["think"](keep_ratio=0.25)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    out: list[tuple[int, float | None, str, str, int]] = []
+
+    def cell(ctx, b, m, n, start=0):
+        for i in range(start, n):  # sample-major: every family gets its i-th sample before any its (i+1)-th
+            for fam in FAMILIES:
+                out.append((ctx, b, m, fam, i))
+
+    def core(ctx):
+        cell(ctx, None, "full", args.n)
+        for b in budgets:
+            cell(ctx, b, "planner", args.n)
+
+    def screen(ctx):
+        for b in budgets:
+            for m in BASELINES:
+                cell(ctx, b, m, args.screen)
+
+    def top3(ctx):
+        for b in budgets:
+            for m in ranking(ctx, b)[:3]:
+                cell(ctx, b, m, args.n, args.screen)
+
+    core(1024)
+    screen(1024)
+    core(2048)
+    screen(2048)
+    top3(1024)
+    top3(2048)
+    core(4096)
     return out
 
 
-def _ratio(a: float | None, b: float) -> float | None:
-    return None if a is None else a / b
+# ---- results --------------------------------------------------------------------------------------
+def shard_path(i: int) -> Path:
+    return RES / f"planner_frontier.shard{i}.json"
 
 
-def evaluate(loaded, plan, context: int, samples: int, ppl_target: int) -> dict[str, Any]:
-    from kvcompile.eval.tasks import passkey_accuracy, perplexity
-
-    t0 = time.perf_counter()
-    pk = passkey_accuracy(loaded.model, loaded.tokenizer, plan, length=context, samples=samples)
-    pp = perplexity(loaded.model, loaded.tokenizer, plan, context=context - ppl_target, target=ppl_target)
-    bf16_per_token = 2 * 30 * 3 * 64 * 2
-    return {
-        "passkey": pk.accuracy,
-        "passkey_n": pk.n,
-        "passkey_answers": [d["generated"] for d in pk.details],
-        "ppl": pp.ppl,
-        "kv_ratio_bf16_measured": _ratio(pk.kv_bytes, bf16_per_token * pk.tokens),
-        "kv_ratio_bf16_measured_ppl": _ratio(pp.kv_bytes, bf16_per_token * pp.tokens),
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
+def all_rows() -> list[dict[str, Any]]:
+    rows, seen = [], set()
+    for p in sorted(RES.glob("planner_frontier.shard*.json")):
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for r in data["rows"]:
+            k = key(r)
+            if k not in seen:
+                seen.add(k)
+                rows.append(r)
+    return rows
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def key(r) -> tuple:
+    return (r["context"], r["budget"], r["method"], r["family"], r["index"])
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cells: dict[tuple, list] = {}
+    for r in rows:
+        cells.setdefault((r["context"], r["budget"], r["method"]), []).append(r)
+    out = []
+    for (ctx, b, m), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 9, kv[0][2])):
+        fams: dict[str, Any] = {}
+        for fam in sorted({r["family"] for r in rs}):
+            fr = [r for r in rs if r["family"] == fam]
+            if fam == "lm":
+                tok = sum(r["tokens"] for r in fr)
+                fams[fam] = {"n": len(fr), "ppl": math.exp(sum(r["nll"] for r in fr) / tok)}
+            else:
+                fams[fam] = {"n": len(fr), "accuracy": sum(bool(r["correct"]) for r in fr) / len(fr)}
+        accs = [v["accuracy"] for f, v in fams.items() if f != "lm"]
+        ratios = [r["kv_ratio_bf16"] for r in rs if r.get("kv_ratio_bf16") is not None]
+        out.append({"context": ctx, "budget": b, "method": m, "spec": rs[0].get("spec"),
+                    "pooled_accuracy": sum(accs) / len(accs) if accs else None,
+                    "pooled_families": len(accs), "families": fams,
+                    "kv_ratio_bf16_measured": sum(ratios) / len(ratios) if ratios else None})
+    return out
+
+
+def ranking_from(rows):
+    cells = summarize(rows)
+
+    def rank(ctx, b):
+        cand = [c for c in cells if c["context"] == ctx and c["budget"] == b and c["method"] in BASELINES
+                and c["pooled_accuracy"] is not None]
+        cand.sort(key=lambda c: (-c["pooled_accuracy"], c["families"].get("lm", {}).get("ppl", 1e9)))
+        return [c["method"] for c in cand]
+    return rank
+
+
+def plot(cells: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ctxs = sorted({c["context"] for c in results["cells"]})
+    ctxs = sorted({c["context"] for c in cells})
+    if not ctxs:
+        return
     fig, axes = plt.subplots(2, len(ctxs), figsize=(6 * len(ctxs), 8), squeeze=False)
     for j, ctx in enumerate(ctxs):
-        cells = [c for c in results["cells"] if c["context"] == ctx and c.get("passkey") is not None]
-        methods = sorted({c["method"] for c in cells})
-        for row, key in enumerate(("passkey", "ppl")):
+        here = [c for c in cells if c["context"] == ctx]
+        for row, what in enumerate(("pooled_accuracy", "ppl")):
             ax = axes[row][j]
-            for m in methods:
-                pts = sorted((c["kv_ratio_bf16_measured"] or c["kv_ratio_bf16_predicted"], c[key])
-                             for c in cells if c["method"] == m)
-                style = dict(marker="*", ms=14, lw=2.5, color="crimson") if m == "planner" else \
-                    dict(marker="o", ms=5, lw=1, alpha=0.7)
-                if m == "full":
-                    style = dict(marker="s", ms=8, color="black")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **style)
+            for m in sorted({c["method"] for c in here}):
+                pts = []
+                for c in here:
+                    if c["method"] != m:
+                        continue
+                    y = c["pooled_accuracy"] if what == "pooled_accuracy" else c["families"].get("lm", {}).get("ppl")
+                    x = c["kv_ratio_bf16_measured"]
+                    if y is not None and x is not None:
+                        pts.append((x, y))
+                pts.sort()
+                style: dict[str, Any] = {"marker": "o", "ms": 5, "lw": 1, "alpha": 0.7}
+                if m == "planner":
+                    style = {"marker": "*", "ms": 14, "lw": 2.5, "color": "crimson"}
+                elif m == "full":
+                    style = {"marker": "s", "ms": 8, "color": "black"}
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **style)
             ax.set_xscale("log")
             ax.set_xlabel("KV bytes / full bf16 (measured)")
-            ax.set_ylabel("passkey accuracy" if key == "passkey" else "perplexity")
-            if key == "ppl":
-                full = [c["ppl"] for c in cells if c["method"] == "full"]
-                if full:
-                    ax.set_ylim(full[0] * 0.95, full[0] * 2.0)
-            ax.set_title(f"SmolLM2-135M, {ctx} tokens, question-agnostic")
+            ax.set_ylabel("accuracy pooled over 4 retrieval families" if row == 0 else "lm perplexity")
+            ax.set_title(f"SmolLM2-135M, {ctx} tokens, test split, question-agnostic")
             ax.grid(alpha=0.3)
         axes[0][j].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -146,91 +225,121 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge() -> int:
+    from kvcompile.eval.tasks import machine_info
+
+    rows = all_rows()
+    cells = summarize(rows)
+    result = {
+        "description": __doc__.split("\n\n")[0],
+        "model": "smollm2-135m (bfloat16)", "setting": "question-agnostic, test split of kvcompile.eval.suite",
+        "machine": {**machine_info(), "python": platform.python_version()},
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cells": cells,
+        "compile": [r for r in rows if r.get("compile_s") is not None and r["family"] == "single"
+                    and r["index"] == 0],
+    }
+    OUT.write_text(json.dumps(result, indent=1))
+    plot(cells, OUT.with_suffix(".png"))
+    for c in cells:
+        fams = " ".join(f"{f}={v.get('accuracy', v.get('ppl')):.3g}(n{v['n']})" for f, v in c["families"].items())
+        pooled = c["pooled_accuracy"]
+        ratio = c["kv_ratio_bf16_measured"]
+        print(f"{c['context']:5d} {str(c['budget']):6s} {c['method']:10s} "
+              f"pooled={'-' if pooled is None else f'{pooled:.3f}'} ratio={'-' if ratio is None else f'{ratio:.3f}'} "
+              f"{fams}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--contexts", default="1024,2048")
-    ap.add_argument("--budgets", default="0.25,0.125,0.08")
-    ap.add_argument("--samples", type=int, default=5, help="passkey samples per cell")
-    ap.add_argument("--ppl-target", type=int, default=256)
-    ap.add_argument("--methods", default="", help="comma list to restrict (planner, full, uniform names)")
-    ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DB),
-                    help="model (and so cache) dtype; budgets are fractions of a full bf16 cache either way")
+    ap.add_argument("--budgets", default="0.25,0.125")
+    ap.add_argument("--n", type=int, default=10, help="samples per family for full / planner / top-3 baselines")
+    ap.add_argument("--screen", type=int, default=4, help="samples per family when screening baselines")
+    ap.add_argument("--shard", default="0/1")
+    ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--deadline", default="", help="HH:MM UTC: stop starting new units after this")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge()
     torch.set_num_threads(1)
+    i, n = map(int, args.shard.split("/"))
 
     from kvcompile import optimize
-    from kvcompile.eval.tasks import machine_info
+    from kvcompile.eval.suite import make_sample, run_sample
     from kvcompile.models import load
-    from kvcompile.runtime import uniform_plan
+    from kvcompile.plan import load as load_plan
+    from kvcompile.runtime import make_cache, uniform_plan
 
-    loaded = load("smollm2-135m", dtype=getattr(torch, args.dtype))
-    ELEM[0] = DB[args.dtype]
-    out = Path(args.out)
-    keep = set(filter(None, args.methods.split(",")))
-    results: dict[str, Any] = {
-        "description": __doc__.split("\n\n")[0],
-        "model": f"smollm2-135m ({args.dtype})", "setting": "question-agnostic",
-        "samples_per_cell": args.samples,
-        "ppl": f"last {args.ppl_target} tokens of a context-length prose window (eval harness text)",
-        "machine": {**machine_info(), "python": platform.python_version()},
-        "cells": [],
-    }
-    if out.is_file():  # resume: keep finished cells
-        old = json.loads(out.read_text())
-        results["cells"] = [c for c in old.get("cells", []) if c.get("passkey") is not None]
-    done = {(c["context"], c["budget"], c["method"]) for c in results["cells"]}
+    loaded = load("smollm2-135m", dtype=torch.bfloat16)
+    path = shard_path(i)
+    mine: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    done = {key(r) for r in mine["rows"]}
+    plans: dict[tuple, Any] = {}
+    bf16_per_token = 2 * 30 * 3 * HEAD_DIM * BF16
 
-    def record(cell: dict[str, Any]) -> None:
-        results["cells"].append(cell)
-        results["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
-        brief = {k: v for k, v in cell.items() if k not in ("passkey_answers", "spec", "plan_mix")}
-        print(json.dumps(brief), flush=True)
-        plot(results, out.with_suffix(".png"))
+    def plan_for(ctx, b, m):
+        if (ctx, b, m) in plans:
+            return plans[(ctx, b, m)]
+        extra: dict[str, Any] = {}
+        if m == "full":
+            p = None
+        elif m == "planner":
+            f = RES / f"planner_frontier_{ctx}_{b}.kvplan"
+            t0 = time.perf_counter()
+            if f.is_file():
+                p = load_plan(f)
+            else:
+                p = optimize(loaded, target="h100", context=ctx, kv_budget=b, verify=False, progress=True)
+                p.save(f)
+            extra = {"compile_s": round(time.perf_counter() - t0, 1), "spec": {"plan": f.name}}
+        else:
+            s = baseline(m, ctx, b)
+            p = None if s is None else uniform_plan(loaded.model, s, context=ctx)
+            extra = {"spec": None if s is None else s.to_spec()}
+            if s is None:
+                extra["skip"] = True
+        plans[(ctx, b, m)] = (p, extra)
+        return plans[(ctx, b, m)]
 
-    def want(ctx, b, m):
-        return (ctx, b, m) not in done and (not keep or m in keep or m.split("(")[0] in keep)
+    def save():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(mine))
+        tmp.replace(path)
 
-    for ctx in map(int, args.contexts.split(",")):
-        if want(ctx, None, "full"):
-            record({"context": ctx, "budget": None, "method": "full", "kv_ratio_bf16_predicted": ELEM[0] / 2,
-                    **evaluate(loaded, None, ctx, args.samples, args.ppl_target)})
-        budgets = list(map(float, args.budgets.split(",")))
-        for b in budgets:  # the planner first: it is what the benchmark is about
-            if want(ctx, b, "planner"):
-                t0 = time.perf_counter()
-                plan = optimize(loaded, target="h100", context=ctx, kv_budget=b, verify=False, progress=True)
-                compile_s = time.perf_counter() - t0
-                mix: dict[str, int] = {}
-                for layer in plan.layers:
-                    for h in layer.heads:
-                        mix[h["name"]] = mix.get(h["name"], 0) + 1
-                plan.save(out.parent / f"planner_frontier_{ctx}_{b}.kvplan")
-                record({"context": ctx, "budget": b, "method": "planner", "compile_s": round(compile_s, 1),
-                        "kv_ratio_bf16_predicted": plan.predicted["kv_bytes_at_context"]
-                        / plan.predicted["full_bf16_kv_bytes_at_context"],
-                        "plan_mix": mix, **evaluate(loaded, plan, ctx, args.samples, args.ppl_target)})
-        for b in budgets:
-            for name, s in tunable(ctx, b).items():
-                if s is None or not want(ctx, b, name):
-                    continue
-                plan = uniform_plan(loaded.model, s, context=ctx)
-                ratio = s.bytes_for(ctx, 64, ELEM[0]) / (2 * ctx * 64 * 2)
-                record({"context": ctx, "budget": b, "method": name, "spec": s.to_spec(),
-                        "kv_ratio_bf16_predicted": ratio,
-                        **evaluate(loaded, plan, ctx, args.samples, args.ppl_target)})
-        for name, s in fixed().items():
-            if not want(ctx, None, name):
-                continue
-            plan = uniform_plan(loaded.model, s, context=ctx)
-            ratio = s.bytes_for(ctx, 64, ELEM[0]) / (2 * ctx * 64 * 2)
-            record({"context": ctx, "budget": None, "method": name, "spec": s.to_spec(),
-                    "kv_ratio_bf16_predicted": ratio,
-                    **evaluate(loaded, plan, ctx, args.samples, args.ppl_target)})
-    results["complete"] = True
-    out.write_text(json.dumps(results, indent=1))
+    k = 0
+    todo = units(args, ranking_from(all_rows()))
+    idx = 0
+    while idx < len(todo):
+        u = todo[idx]
+        idx += 1
+        if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
+            print("deadline reached", flush=True)
+            break
+        k += 1
+        if (k - 1) % n != i or u in done:
+            continue
+        ctx, b, m, fam, j = u
+        p, extra = plan_for(ctx, b, m)
+        if extra.get("skip"):
+            continue
+        s = make_sample(loaded.tokenizer, fam, "test", ctx, j)
+        t0 = time.perf_counter()
+        cache = None if p is None else make_cache(p, loaded.model)
+        r = run_sample(loaded.model, loaded.tokenizer, s, cache)
+        r.update(context=ctx, budget=b, method=m, index=j, wall_s=round(time.perf_counter() - t0, 1), **extra)
+        extra.pop("compile_s", None)
+        r["kv_ratio_bf16"] = None if r.get("kv_bytes") is None else r["kv_bytes"] / (bf16_per_token * s.length)
+        mine["rows"].append(r)
+        done.add(u)
+        save()
+        print(json.dumps({kk: r.get(kk) for kk in ("context", "budget", "method", "family", "index", "correct",
+                                                     "nll", "kv_ratio_bf16", "wall_s")}), flush=True)
+        if idx == len(todo) or todo[idx][:3] != u[:3]:
+            # re-plan the remaining work once a cell ends: the top-3 ranking may have changed
+            rest = units(args, ranking_from(all_rows()))
+            todo, idx = rest, 0
+            k = 0
     return 0
 
 

@@ -50,6 +50,11 @@ def planner_grid(context: int) -> list[Strategy]:
             if mikv > 1:
                 continue
         out.append(s)
+    # question-agnostic selection by context reconstruction (KVzip) at 25 % / 12.5 % of the tokens
+    kvzip: Any = REGISTRY.get("kvzip")
+    if kvzip is not None:
+        for frac in (0.25, 0.125):
+            out.append(kvzip(budget=max(8, int(context * frac))))
     # int8 copies of the kept tokens (near lossless, KIVI) double what a selection keeps at equal bytes
     comp: Any = REGISTRY.get("compose")
     if comp is not None:
