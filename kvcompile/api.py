@@ -68,7 +68,8 @@ def optimize(
         found from a :class:`Loaded`, the GGUF file ``models.load`` read, or ``config._name_or_path``
         when that is a local directory. A real-weights model with a budget and no tokenizer raises,
         unless ``damage="priors"`` is passed (the plan then says it is unverified).
-    options : extra pass options, passed through ``PassContext.options``.
+    options : extra pass options, passed through ``PassContext.options``; ``kv_dtype="bfloat16"`` accounts
+        the cache in that dtype (plan a bf16 deployment while calibrating an fp32 copy of the model).
 
     Raises
     ------
@@ -119,6 +120,9 @@ def optimize(
     _check_damage_source(loaded, config, options)
     say(f"model {loaded.name}")
     program = capture(loaded.model, name=loaded.name)
+    kv_dtype = options.pop("kv_dtype", None)
+    if kv_dtype is not None:
+        program = _store_dtype(program, kv_dtype)
     say(f"captured {program.num_layers} attention sites ({program.model.arch}, {program.model.dtype})")
     ctx = PassContext(
         target=tgt,
@@ -225,6 +229,19 @@ def _resolve_model(model: torch.nn.Module | str) -> Loaded:
     cfg = getattr(model, "config", None)
     name = (getattr(cfg, "name_or_path", "") or getattr(cfg, "model_type", "")) if cfg else ""
     return Loaded(model, None, name or type(model).__name__)
+
+
+def _store_dtype(program: Program, kv_dtype: Any) -> Program:
+    """Account the cache as stored in ``kv_dtype`` (e.g. a bf16 deployment planned on an fp32 copy of the
+    model: calibration runs in fp32, every byte count of the plan is for ``kv_dtype``)."""
+    import dataclasses
+
+    from .ir import DTYPE_BYTES
+
+    name = str(kv_dtype).removeprefix("torch.")
+    if name not in ("float32", "bfloat16", "float16") or name not in DTYPE_BYTES:
+        raise ValueError(f"kv_dtype={kv_dtype!r} must be 'float32', 'bfloat16' or 'float16'")
+    return dataclasses.replace(program, sites=tuple(dataclasses.replace(s, dtype=name) for s in program.sites))
 
 
 def find_tokenizer(model: torch.nn.Module) -> Any | None:
