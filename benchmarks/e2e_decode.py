@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "torch_threads": torch.get_num_threads(),
         "method": "one prefill per config, then decode steps round-robin across configs; tokens/s = steps/sum(step s)",
+        "calibrated_plan": None if "calibrated_25pct" not in runs else {
+            "content_hash": runs["calibrated_25pct"]["plan"].content_hash,
+            "made_by": "kvcompile compile smollm2-135m --target h100 --context 4096 --kv-budget 0.25",
+        },  # fmt: skip
         "results": rows,
     }
     if args.out is not None:

@@ -23,7 +23,7 @@ from kvcompile.runtime import (
     uniform_plan,
 )
 from kvcompile.runtime.attention import attend_layer, new_token_validity
-from kvcompile.runtime.cache import HANDLES, KVCompileLayer, group_heads
+from kvcompile.runtime.cache import KVCompileLayer, group_heads, pending
 from kvcompile.strategies import REGISTRY, from_spec, reference_attention
 
 VOCAB = 256
@@ -149,7 +149,7 @@ def test_attend_layer_gqa_mapping_against_reference():
         q, k, v = torch.randn(B, Hk * G, n, D), torch.randn(B, Hk, n, D), torch.randn(B, Hk, n, D)
         k2, v2 = layer.update(k, v)
         assert k2 is k and v2 is v
-        assert HANDLES.pop(id(k))[1] is layer  # what the attention function will look up
+        assert pending().pop(id(k))[1] is layer  # what the attention function will look up
         outs.append(
             attend_layer(layer, q, k, v, valid if step == 0 else torch.ones(B, 1, dtype=torch.bool), 0.25)
         )

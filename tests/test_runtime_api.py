@@ -93,10 +93,11 @@ def test_crop_of_residual_tokens_equals_never_seeing_them(smol, ids):
 def test_crop_into_a_quantized_group_is_a_clear_error(smol, ids):
     model = smol.model
     cache = make_cache(mixed_plan(model, [KIVI], context=256), model)
+    long = ids.repeat(1, 3)  # > residual + group tokens: some groups are quantized
     with torch.no_grad():
-        model(ids, **cache_kw(cache))
+        model(long, **cache_kw(cache))
     with pytest.raises(NotImplementedError, match="un-quantized"):
-        cache.crop(-(ids.shape[1] - 8))
+        cache.crop(-(long.shape[1] - 8))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,3 +128,16 @@ def test_mask_zeros_that_are_not_left_padding_raise(smol, ids, full_plan, holes)
         mask[0, -2:] = 0
     with torch.no_grad(), pytest.raises(ValueError, match="left padding"):
         model(ids, attention_mask=mask, **cache_kw(make_cache(full_plan, model)))
+
+
+def test_prompt_longer_than_the_plan_context_warns_and_bytes_stay_predicted(smol, ids):
+    from kvcompile.runtime import PlanWarning
+
+    model = smol.model
+    plan = mixed_plan(model, [KIVI, "full", {"name": "fp8"}], context=40)
+    long = ids.repeat(1, 3)[:, :50]
+    cache = make_cache(plan, model, backend="cpu")
+    with pytest.warns(PlanWarning, match="exceeds the plan's context 40"), torch.no_grad():
+        model(long, **cache_kw(cache))
+    assert cache.nbytes() == plan.predicted_kv_bytes(50)
+    assert cache.nbytes() > plan.predicted_kv_bytes(40)  # the overflow the warning names

@@ -188,35 +188,46 @@ void kivi_decode(KIVI_ARGS) {
     else kivi_body(KIVI_PASS(8));
 }
 
-/* fp32 keys/values [.., N, D] (+ the new token), validity from pos or lead */
-void dense_decode(
+/* fp32 keys/values [.., N, D] (+ the new token), validity from pos or lead; with fp8 != 0 the
+   rows are float8 e4m3 codes decoded through lut[256] and scaled by ksc/vsc [B, H] */
+static inline __attribute__((always_inline)) void dense_body(
     int B, int H, int G, int D, long N, float scale, const float* q,
-    const float* k, const float* v, long sb, long sh, const float* kn, const float* vn,
-    const int32_t* pos, long p_sb, long p_sh, const int64_t* lead, float* out)
+    const void* k, const void* v, long sb, long sh, const float* kn, const float* vn,
+    const int32_t* pos, long p_sb, long p_sh, const int64_t* lead,
+    const float* lut, const float* ksc, const float* vsc, float* out, const int fp8)
 {
     long n = N + 1;
     float* s = (float*)malloc(sizeof(float) * (size_t)G * n);
-    float acc[MAXG][256], inv[MAXG];
+    float acc[MAXG][256], inv[MAXG], c[256];
     for (int b = 0; b < B; b++) for (int h = 0; h < H; h++) {
         const float* qh = q + ((long)b * H + h) * G * D;
         const int32_t* ph = pos ? pos + b * p_sb + h * p_sh : 0;
         long ld = lead ? lead[b] : 0;
-        const float* kh = k + b * sb + h * sh;
-        const float* vh = v + b * sb + h * sh;
+        float ks = fp8 ? ksc[b * H + h] : 1.f, vs = fp8 ? vsc[b * H + h] : 1.f;
+        const float* kh = (const float*)k + b * sb + h * sh;
+        const float* vh = (const float*)v + b * sb + h * sh;
+        const uint8_t* k8 = (const uint8_t*)k + b * sb + h * sh;
+        const uint8_t* v8 = (const uint8_t*)v + b * sb + h * sh;
         const float* knh = kn + ((long)b * H + h) * D;
         const float* vnh = vn + ((long)b * H + h) * D;
         for (long t = 0; t < N; t++) {
             int ok = slot_ok(ph, t, ld);
-            for (int j = 0; j < G; j++) s[j * n + t] = ok ? scale * dot(qh + j * D, kh + t * D, D) : NEG;
+            const float* kt = kh + t * D;
+            if (fp8 && ok) { for (int d = 0; d < D; d++) c[d] = lut[k8[t * D + d]]; kt = c; }
+            for (int j = 0; j < G; j++) s[j * n + t] = ok ? scale * ks * dot(qh + j * D, kt, D) : NEG;
         }
         for (int j = 0; j < G; j++) s[j * n + N] = scale * dot(qh + j * D, knh, D);
         softmax_rows(s, G, n, inv);
         for (int j = 0; j < G; j++) memset(acc[j], 0, sizeof(float) * D);
         for (long t = 0; t < n; t++) {
+            int any = 0;
+            for (int j = 0; j < G; j++) any |= s[j * n + t] != 0.f;
+            if (!any) continue;
             const float* vt = t < N ? vh + t * D : vnh;
+            float w = t < N ? vs : 1.f;
+            if (fp8 && t < N) { for (int d = 0; d < D; d++) c[d] = lut[v8[t * D + d]]; vt = c; }
             for (int j = 0; j < G; j++) {
-                float p = s[j * n + t];
-                if (p == 0.f) continue;
+                float p = s[j * n + t] * w;
                 for (int d = 0; d < D; d++) acc[j][d] += p * vt[d];
             }
         }
@@ -224,6 +235,22 @@ void dense_decode(
         for (int j = 0; j < G; j++) for (int d = 0; d < D; d++) oh[j * D + d] = acc[j][d] * inv[j];
     }
     free(s);
+}
+
+void dense_decode(
+    int B, int H, int G, int D, long N, float scale, const float* q,
+    const float* k, const float* v, long sb, long sh, const float* kn, const float* vn,
+    const int32_t* pos, long p_sb, long p_sh, const int64_t* lead, float* out)
+{
+    dense_body(B, H, G, D, N, scale, q, k, v, sb, sh, kn, vn, pos, p_sb, p_sh, lead, 0, 0, 0, out, 0);
+}
+
+void fp8_decode(
+    int B, int H, int G, int D, long N, float scale, const float* q,
+    const uint8_t* k, const uint8_t* v, long sb, long sh, const float* kn, const float* vn,
+    const int64_t* lead, const float* lut, const float* ksc, const float* vsc, float* out)
+{
+    dense_body(B, H, G, D, N, scale, q, k, v, sb, sh, kn, vn, 0, 0, 0, lead, lut, ksc, vsc, out, 1);
 }
 """
 
@@ -266,7 +293,8 @@ def _compile() -> ctypes.CDLL:
     i, n, f, p = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p
     lib.kivi_decode.argtypes = [i] * 7 + [n, n, f, p] + [p, n, n, p, p, n, n] * 2 + [p, p, n, n, p, p, p, n, n, p, p]
     lib.dense_decode.argtypes = [i] * 4 + [n, f, p, p, p, n, n, p, p, p, n, n, p, p]
-    for fn in (lib.kivi_decode, lib.dense_decode):
+    lib.fp8_decode.argtypes = [i] * 4 + [n, f, p, p, p, n, n, p, p, p, p, p, p, p]
+    for fn in (lib.kivi_decode, lib.dense_decode, lib.fp8_decode):
         fn.restype = None
     return lib
 
@@ -375,5 +403,31 @@ def decode_dense(q, k, v, k_new, v_new, *, scale, pos=None, lead=None, n=None) -
     library().dense_decode(
         B, H, G, D, n, scale, _p(q), _p(k), _p(v), *_bh(k), _p(k_new), _p(v_new),
         _p(pos), *(pos.stride()[:2] if pos is not None else (0, 0)), _p(lead), _p(out),
+    )  # fmt: skip
+    return out
+
+
+_LUT: torch.Tensor | None = None
+
+
+def decode_fp8(q, k8, v8, k_scale, v_scale, k_new, v_new, *, scale, lead=None) -> torch.Tensor:
+    """Decode attention over float8 e4m3 ``k8``/``v8`` [B, H, N, D] (uint8 or float8 storage) with
+    float32 scales [B, H] plus the new token; ``lead`` [B] masks left padding. Returns [B, H*G, 1, D]."""
+    global _LUT
+    if _LUT is None:
+        _LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+        _LUT = torch.nan_to_num(_LUT, nan=0.0)  # e4m3fn's two NaN codes never come out of a clamp
+    H, D = k_new.shape[1], k_new.shape[3]
+    B, G, Hq = _check(q, H, D)
+    k8, v8 = _rows(k8.view(torch.uint8)), _rows(v8.view(torch.uint8))
+    if k8.stride() != v8.stride():
+        k8, v8 = k8.contiguous(), v8.contiguous()
+    _, lead = _lead_pos(None, lead)
+    q, k_new, v_new = q.contiguous(), k_new.float().contiguous(), v_new.float().contiguous()
+    ks, vs = k_scale.float().contiguous(), v_scale.float().contiguous()
+    out = torch.empty(B, Hq, 1, D, dtype=torch.float32)
+    library().fp8_decode(
+        B, H, G, D, k8.shape[2], scale, _p(q), _p(k8), _p(v8), *_bh(k8), _p(k_new), _p(v_new), _p(lead),
+        _p(_LUT), _p(ks), _p(vs), _p(out),
     )  # fmt: skip
     return out

@@ -26,12 +26,8 @@ from typing import Any
 from ..plan import Plan, PlanError
 from .attention import ATTN_IMPLEMENTATION, BACKENDS, kvcompile_attention, register
 from .builders import hf_model, mixed_plan, plan_for, uniform_plan
-from .cache import HeadGroup, KVCompileCache, KVCompileLayer
+from .cache import HeadGroup, KVCompileCache, KVCompileLayer, PlanWarning
 from .validate import Geometry, check_plan, model_geometry
-
-
-class PlanWarning(UserWarning):
-    """The plan fits the model's shapes but its provenance differs (fingerprint, dtype)."""
 
 
 def make_cache(plan: Plan, model: Any, *, backend: str = "torch", strict: bool = False) -> KVCompileCache:

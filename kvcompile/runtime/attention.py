@@ -5,7 +5,7 @@
 ``make_cache`` switches a model to it with ``model.set_attn_implementation("kvcompile")``; no model
 class is patched.
 
-For every call, the function looks up the key tensor in :data:`kvcompile.runtime.cache.HANDLES`:
+For every call, the function looks up the key tensor in :func:`kvcompile.runtime.cache.pending`:
 
 * found (the model runs with a :class:`KVCompileCache`): for each head group of that layer, slice the
   group's query and KV heads, ``store.attend`` (over the store plus the new tokens), then
@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from ..strategies import Store
-from .cache import HANDLES, KVCompileLayer
+from .cache import KVCompileLayer, pending
 from .interpreter import is_attached, run_layer
 
 ATTN_IMPLEMENTATION = "kvcompile"
@@ -132,7 +132,7 @@ def kvcompile_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature; output [B, T, Hq, Dv] like ``sdpa_attention_forward``."""
-    entry = HANDLES.pop(id(key), None)
+    entry = pending().pop(id(key), None)
     if entry is None or entry[0]() is not key:
         _check_no_pending()
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -160,11 +160,12 @@ def _check_no_pending() -> None:
     """A miss while a KVCompileCache layer still waits for its attention call means the model changed
     the key tensor between ``cache.update`` and attention; running plain sdpa then would silently
     ignore the cache, so fail loudly instead."""
-    for key_id, (ref, layer) in list(HANDLES.items()):
+    table = pending()
+    for key_id, (ref, layer) in list(table.items()):
         if ref() is None:
-            del HANDLES[key_id]
+            del table[key_id]
         else:
-            del HANDLES[key_id]
+            del table[key_id]
             raise RuntimeError(
                 f"kvcompile: layer {layer.layer_idx} was updated but its attention call received other key "
                 "tensors; this model transforms keys between cache.update and attention, which the "

@@ -8,9 +8,10 @@ How attention finds the layer
 -----------------------------
 transformers calls ``cache.update(k, v, layer_idx)`` and then the registered attention function,
 but never passes the cache to that function. :meth:`KVCompileLayer.update` therefore returns the
-*new* ``(k, v)`` unchanged and records ``id(k) -> (weakref(k), layer)`` in :data:`HANDLES`; the
-``"kvcompile"`` attention function (``runtime/attention.py``) pops that entry, runs attention per
-group over the store plus the new tokens, and only then folds the new tokens into the stores. The
+*new* ``(k, v)`` unchanged and records ``id(k) -> (weakref(k), layer)`` in :func:`pending` (a
+per-thread / per-task context variable); the ``"kvcompile"`` attention function
+(``runtime/attention.py``) pops that entry, runs attention per group over the store plus the new
+tokens, and only then folds the new tokens into the stores. The
 weakref guards against ``id`` reuse after garbage collection.
 
 Invariants
@@ -18,11 +19,24 @@ Invariants
 * ``get_seq_length()`` is the LOGICAL number of tokens the layer has seen (padding included, evicted
   tokens included), so positions and mask sizes equal those of a ``DynamicCache``.
 * Stores are mutated only by the attention function, in the order attend → append, once per forward.
+
+Memory and context
+------------------
+``make_cache`` passes the plan's context to every layer; stores allocate their buffers once for it
+(KIVI codes/scales/residual, full and fp8 rows; a composition sizes its buffers at the prefill:
+``kept(prefill) + context - prefill``), so a decode step writes its token in place.
+``nbytes()`` is the live bytes (== ``plan.predicted_kv_bytes``), ``reserved_nbytes()`` the allocation.
+A sequence longer than the plan's context is served, not truncated: the first layer issues one
+:class:`PlanWarning` naming the overflow, buffers grow by doubling, and bytes keep following
+``plan.predicted_kv_bytes(tokens)`` — i.e. past the byte ceiling the plan promised at its context,
+which is why the warning is raised (compile the plan for the longer context to keep the ceiling).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +47,26 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..strategies import Store, Strategy
 
-# id(new key tensor) -> (weakref to it, layer); filled by update(), emptied by the attention function
-HANDLES: dict[int, tuple[weakref.ReferenceType[torch.Tensor], KVCompileLayer]] = {}
+
+class PlanWarning(UserWarning):
+    """The plan fits the model's shapes but its provenance differs (fingerprint, dtype), or a sequence
+    outgrew the context the plan was compiled for."""
+
+
+_PENDING: contextvars.ContextVar[dict[int, tuple[weakref.ReferenceType[torch.Tensor], KVCompileLayer]] | None] = (
+    contextvars.ContextVar("kvcompile_pending", default=None)
+)
+
+
+def pending() -> dict[int, tuple[weakref.ReferenceType[torch.Tensor], KVCompileLayer]]:
+    """This thread's / task's ``id(new key tensor) -> (weakref to it, layer)`` table: filled by
+    ``update()``, emptied by the attention function. A context variable, so concurrent generations
+    in other threads or asyncio tasks never see each other's entries."""
+    table = _PENDING.get()
+    if table is None:
+        table = {}
+        _PENDING.set(table)
+    return table
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +112,7 @@ class KVCompileLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx = layer_idx
         self.context = context  # the plan's context: stores reserve their buffers for it
+        self.overflowed = False  # warned that the sequence outgrew the context
         self.backend = backend
         self.head_dim = head_dim
         self.gqa = gqa
@@ -126,7 +159,17 @@ class KVCompileLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: batch changed from {self.batch_size} to {key_states.shape[0]}"
             )
         self.seen += key_states.shape[-2]
-        HANDLES[id(key_states)] = (weakref.ref(key_states), self)
+        if self.context is not None and self.seen > self.context and not self.overflowed:
+            self.overflowed = True
+            if self.layer_idx == 0:
+                warnings.warn(
+                    f"sequence of {self.seen} tokens exceeds the plan's context {self.context}: stores grow "
+                    "past the plan's byte ceiling (bytes follow plan.predicted_kv_bytes(tokens)); compile the "
+                    "plan for a longer context to keep the ceiling",
+                    PlanWarning,
+                    stacklevel=3,
+                )
+        pending()[id(key_states)] = (weakref.ref(key_states), self)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -156,7 +199,7 @@ class KVCompileLayer(CacheLayerMixin):
         return sum(s.reserved_nbytes() for s in self.stores or ())
 
     def reset(self) -> None:
-        self.stores, self.seen, self.is_initialized = None, 0, False
+        self.stores, self.seen, self.is_initialized, self.overflowed = None, 0, False, False
 
     def offload(self) -> None:  # stores are not plain keys/values tensors; offloading is not supported
         raise NotImplementedError("KVCompileCache does not support offloading")

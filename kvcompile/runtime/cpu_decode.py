@@ -15,6 +15,7 @@ from ..codegen import cpu as ck
 from ..strategies._select import SelectStore
 from ..strategies.base import Store
 from ..strategies.compose import ComposeStore
+from ..strategies.fp8 import FP8Store
 from ..strategies.full import FullStore
 from ..strategies.quant import QuantStore
 
@@ -42,6 +43,8 @@ def cpu_attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if store.s.observe != "none" and store.s.observe != "window":
             return None
         return ck.decode_dense(q, store.k, store.v, k, v, scale=scale, pos=store.pos)
+    if isinstance(store, FP8Store) and store.k is not None:
+        return ck.decode_fp8(q, store.k, store.v, store.k_scale, store.v_scale, k, v, scale=scale, lead=store.lead)
     if isinstance(store, FullStore) and store.k is not None and store.storage == torch.float32:
         return ck.decode_dense(q, store.k, store.v, k, v, scale=scale, lead=store.lead)
     return None

@@ -170,7 +170,7 @@ def _group_view(store, strategy, kv_heads, k_new, v_new):
     fmt = strategy.kernel_format()
     if fmt == "quant":
         buf = store.buf
-        t = buf.tensors()
+        t = _dense(buf.tensors())
         if buf.nq == 0:
             B, Hg, _, D = k_new.shape
             row = D * buf.s.bits // 8
@@ -182,7 +182,13 @@ def _group_view(store, strategy, kv_heads, k_new, v_new):
         vt = v_new if buf.v_res is None else torch.cat([buf.v_res, v_new.to(buf.dtype)], 2)
         return GroupView("quant", kv_heads, t, bits=buf.s.bits, group=buf.s.group, v_group=buf.vg, k_tail=kt,
                          v_tail=vt, tail_pos0=buf.nq)  # fmt: skip
-    return GroupView(fmt, kv_heads, store.tensors(), k_tail=k_new, v_tail=v_new)
+    return GroupView(fmt, kv_heads, _dense(store.tensors()), k_tail=k_new, v_tail=v_new)
+
+
+def _dense(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous copies of capacity-buffer views: the Triton launchers take dense [B, H, N, ...]
+    tensors (passing the buffers' batch/head strides to the kernels would avoid this copy)."""
+    return {n: t.contiguous() for n, t in tensors.items()}
 
 
 def _ref_view(q, view, lead, scale):
@@ -278,7 +284,7 @@ def _attend_scored(ctx: Ctx, instr: Instr) -> None:
 
     q, k, v, qi = ctx.heads(instr.group)
     store = ctx.layer.stores[instr.group]
-    t = store.tensors()
+    t = _dense(store.tensors())
     args = (q, t["k"], t["v"], t["pos"])
     if ctx.interp.backend == "torch":
         out, mass = ref.decode_compact_scored(*args, scale=ctx.scale, k_new=k, v_new=v)

@@ -159,6 +159,49 @@ class Store(ABC):
         return {}
 
 
+class SlotBuffer:
+    """Named tensors [B, H, cap, ...] whose first ``n`` slots are live: allocated once for
+    ``reserve(slots)`` at the first append and doubled only if a sequence outruns it, so appending a
+    decode token writes one slot instead of copying the cache (``torch.cat``)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.want = 0
+        self.cap: dict[str, torch.Tensor] = {}
+
+    def reserve(self, slots: int) -> None:
+        self.want = max(self.want, int(slots))
+
+    def append(self, **parts: torch.Tensor) -> None:
+        """Write ``parts`` (each [B, H, T, ...]) into slots ``n .. n+T``."""
+        T = next(iter(parts.values())).shape[2]
+        need = self.n + T
+        have = next(iter(self.cap.values())).shape[2] if self.cap else 0
+        if need > have:
+            size = max(need, self.want, 2 * have)
+            for name, x in parts.items():
+                t = x.new_empty(*x.shape[:2], size, *x.shape[3:])
+                if name in self.cap and self.n:
+                    t[:, :, : self.n] = self.cap[name][:, :, : self.n]
+                self.cap[name] = t
+        for name, x in parts.items():
+            self.cap[name][:, :, self.n : need] = x
+        self.n = need
+
+    def view(self, name: str) -> torch.Tensor | None:
+        t = self.cap.get(name)
+        return None if t is None else t[:, :, : self.n]
+
+    def crop(self, m: int) -> None:
+        self.n -= m
+
+    def batch_apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.cap = {name: fn(t).contiguous() for name, t in self.cap.items()}
+
+    def reserved_nbytes(self) -> int:
+        return tensor_bytes(*self.cap.values())
+
+
 def tensor_bytes(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 

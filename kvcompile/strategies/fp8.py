@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ._attn import leading_pads
-from .base import Store, Strategy, check_range, tensor_bytes
+from .base import SlotBuffer, Store, Strategy, check_range, tensor_bytes
 from .quant import attend_over
 
 E4M3_MAX = 448.0
@@ -57,9 +57,20 @@ class FP8Store(Store):
 
     def __init__(self, headroom: float, dtype: torch.dtype) -> None:
         self.headroom, self.dtype = headroom, dtype
-        self.k = self.v = self.k_scale = self.v_scale = None
+        self.rows = SlotBuffer()  # k, v codes: preallocated for the plan's context (``reserve``)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
         self.lead: torch.Tensor | None = None
         self.tokens_seen = 0
+
+    k = property(lambda self: self.rows.view("k"))
+    v = property(lambda self: self.rows.view("v"))
+
+    def reserve(self, context: int) -> None:
+        self.rows.reserve(context)
+
+    def reserved_nbytes(self) -> int:
+        return self.rows.reserved_nbytes() + tensor_bytes(self.k_scale, self.v_scale)
 
     def _scale(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         amax = torch.where(valid[:, None, :, None], x.float().abs(), 0.0).amax(dim=(2, 3))
@@ -82,18 +93,15 @@ class FP8Store(Store):
         if self.k is None:
             self.lead = leading_pads(valid_new)
             self.k_scale, self.v_scale = self._scale(k_new, valid_new), self._scale(v_new, valid_new)
-        k8, v8 = self._encode(k_new, self.k_scale), self._encode(v_new, self.v_scale)
-        self.k = k8 if self.k is None else torch.cat([self.k, k8], dim=2)
-        self.v = v8 if self.v is None else torch.cat([self.v, v8], dim=2)
+        self.rows.append(k=self._encode(k_new, self.k_scale), v=self._encode(v_new, self.v_scale))
         self.tokens_seen += k_new.shape[2]
 
     def nbytes(self) -> int:
         return tensor_bytes(self.k, self.v, self.k_scale, self.v_scale)
 
     def crop(self, tokens: int) -> None:  # scales are fixed at the prefill: dropping codes is exact
-        if self.k is not None and tokens:
-            self.k, self.v = self.k[:, :, :-tokens], self.v[:, :, :-tokens]
-            self.tokens_seen -= tokens
+        self.rows.crop(tokens)
+        self.tokens_seen -= tokens
 
     def tensors(self):
         names = ("k", "v", "k_scale", "v_scale")

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Store, Strategy, check_range, tensor_bytes
+from .base import SlotBuffer, Store, Strategy, check_range, tensor_bytes
 
 _STORAGE = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,10 +46,18 @@ class FullStore(Store):
 
     def __init__(self, storage: torch.dtype, compute: torch.dtype) -> None:
         self.storage, self.compute = storage, compute
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.rows = SlotBuffer()  # k, v: preallocated for the plan's context (``reserve``)
         self.lead: torch.Tensor | None = None  # [B] int64, row bookkeeping (not KV storage)
         self.tokens_seen = 0
+
+    k = property(lambda self: self.rows.view("k"))
+    v = property(lambda self: self.rows.view("v"))
+
+    def reserve(self, context: int) -> None:
+        self.rows.reserve(context)
+
+    def reserved_nbytes(self) -> int:
+        return self.rows.reserved_nbytes()
 
     def attend(self, q, k_new, v_new, valid_new, scale):
         B, T = q.shape[0], q.shape[2]
@@ -78,18 +86,15 @@ class FullStore(Store):
     def append(self, k_new, v_new, q_new, valid_new):
         if self.lead is None:
             self.lead = (~valid_new).long().cumprod(dim=1).sum(dim=1)  # leading padding count per row
-        k_new, v_new = k_new.to(self.storage), v_new.to(self.storage)
-        self.k = k_new if self.k is None else torch.cat([self.k, k_new], dim=2)
-        self.v = v_new if self.v is None else torch.cat([self.v, v_new], dim=2)
+        self.rows.append(k=k_new.to(self.storage), v=v_new.to(self.storage))
         self.tokens_seen += k_new.shape[2]
 
     def nbytes(self) -> int:
         return tensor_bytes(self.k, self.v)
 
     def crop(self, tokens: int) -> None:
-        if self.k is not None and tokens:
-            self.k, self.v = self.k[:, :, :-tokens], self.v[:, :, :-tokens]
-            self.tokens_seen -= tokens
+        self.rows.crop(tokens)
+        self.tokens_seen -= tokens
 
     def tensors(self):
         return {"k": self.k, "v": self.v} if self.k is not None else {}
