@@ -17,6 +17,7 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -24,10 +25,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+
+from ._io import JsonInputError, read_json_strict
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,19 +92,31 @@ def load(spec: str, *, dtype: torch.dtype = torch.float32, attn_implementation: 
 def _load_gguf(path: Path, dtype: torch.dtype, attn: str) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation=attn
-    )
+    with open(path, "rb") as f:
+        head = f.read(8)
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else 0
+    if head[:4] != b"GGUF" or version not in (1, 2, 3):
+        raise ModelLoadError(f"{path}: not a GGUF file (magic {head[:4]!r}, version {version})")
+    with _as_load_error(path):
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation=attn
+        )
+    _check_geometry(model.config, path)
     model.eval()
-    model.kvcompile_source = str(path)  # api.find_tokenizer: the GGUF this module came from
+    setattr(model, "kvcompile_source", str(path))  # noqa: B010 - api.find_tokenizer: the GGUF this module came from
     return Loaded(model, tok, path.stem)
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, attn: str) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
+    _read_config(path / "config.json")
+    with _as_load_error(path):  # safetensors only: pickled *.bin weights could run code
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True
+        )
+    _check_geometry(model.config, path)
     model.eval()
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -139,32 +155,90 @@ def _load_smollm2(dtype: torch.dtype, attn: str) -> Loaded:
 def _load_meta(path: Path, name: str, attn: str) -> Loaded:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    raw = _read_config(path)
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}  # "_source" etc. are our notes
     model_type = raw.pop("model_type", None)
-    if model_type is None:
-        raise ModelLoadError(f"{path}: config has no 'model_type'")
-    config = AutoConfig.for_model(model_type, **raw)
+    if not isinstance(model_type, str):
+        raise ModelLoadError(f"{path}: config has no 'model_type' string")
+    dtype = _config_dtype(raw, path)
+    with _as_load_error(path):
+        config = AutoConfig.for_model(model_type, **raw)
+    amap = getattr(config, "attribute_map", {})
+    for key in ("num_hidden_layers", "num_attention_heads", "hidden_size"):  # no silent library defaults
+        aliases = {key, amap.get(key), *(k for k, v in amap.items() if v == key)}
+        if not aliases & set(raw):
+            raise ModelLoadError(f"{path}: config lacks {key!r}")
+    _check_geometry(config, path)
     config._attn_implementation = attn
-    with torch.device("meta"):
+    with torch.device("meta"), _as_load_error(path):
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=_config_dtype(raw))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except ValueError as e:
             if attn != "sdpa" or "does not support" not in str(e):
                 raise
             # some architectures (Gemma-2) refuse sdpa; capture re-exports them with its own attention
             config._attn_implementation = "eager"
-            model = AutoModelForCausalLM.from_config(config, dtype=_config_dtype(raw))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return Loaded(model, None, name)
 
 
-def _config_dtype(raw: dict[str, Any]) -> torch.dtype:
+def _config_dtype(raw: dict[str, Any], path: Path | str = "config") -> torch.dtype:
     name = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
-    return getattr(torch, str(name))
+    if name not in _CONFIG_DTYPES:
+        raise ModelLoadError(f"{path}: dtype {str(name)[:40]!r} is not one of {list(_CONFIG_DTYPES)}")
+    return cast(torch.dtype, getattr(torch, name))
+
+
+_CONFIG_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# geometry limits of a model kvcompile will instantiate (a config asking for 10**9 layers would
+# allocate for minutes even on the meta device); far above any released model
+MAX_LAYERS, MAX_HEADS, MAX_HIDDEN = 1024, 4096, 1 << 17
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A config JSON as a dict, read strictly (UTF-8, no NaN, bounded); ModelLoadError otherwise."""
+    try:
+        raw = read_json_strict(path, max_bytes=4 << 20, max_depth=16, max_nodes=100_000)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    except JsonInputError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: a model config must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _check_geometry(config: Any, where: Path | str) -> None:
+    """Refuse configs whose attention geometry is missing, non-integer, out of range or inconsistent."""
+    get = lambda name: getattr(config, name, None)  # noqa: E731 - attribute_map covers GPT-2 names
+    layers, q, hidden = get("num_hidden_layers"), get("num_attention_heads"), get("hidden_size")
+    kv = get("num_key_value_heads")
+    kv = q if kv is None else kv
+    head_dim = get("head_dim")
+    for name, value, hi in (("num_hidden_layers", layers, MAX_LAYERS), ("num_attention_heads", q, MAX_HEADS),
+                            ("num_key_value_heads", kv, MAX_HEADS), ("hidden_size", hidden, MAX_HIDDEN)):  # fmt: skip
+        if type(value) is not int or not 1 <= value <= hi:
+            raise ModelLoadError(f"{where}: config {name}={str(value)[:40]} must be an integer in [1, {hi}]")
+    q, kv, hidden = cast(int, q), cast(int, kv), cast(int, hidden)
+    if q % kv:
+        raise ModelLoadError(f"{where}: config has {q} attention heads, not a multiple of {kv} KV heads")
+    if head_dim is not None and (type(head_dim) is not int or not 1 <= head_dim <= MAX_HIDDEN):
+        raise ModelLoadError(f"{where}: config head_dim={str(head_dim)[:40]} must be a positive integer")
+    if head_dim is None and hidden % q:
+        raise ModelLoadError(f"{where}: hidden_size {hidden} is not a multiple of {q} attention heads")
+
+
+@contextlib.contextmanager
+def _as_load_error(where: Path | str) -> Iterator[None]:
+    """transformers' loaders raise many types on a bad file or config; each becomes one ModelLoadError."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError,
+            OverflowError, RuntimeError, EOFError, UnicodeError, ImportError) as e:  # fmt: skip
+        raise ModelLoadError(f"{where}: cannot load ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
 def fingerprint(model: torch.nn.Module) -> str:

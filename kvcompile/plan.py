@@ -206,10 +206,14 @@ class Plan(BaseModel):
         return sum(s.num_kv_heads * (s.head_dim + s.v_head_dim) * db for s in self.model.sites) * n * batch
 
     def make_cache(self, model: Any, **kw: Any) -> Any:
-        """Build the runtime cache for ``model`` (checks the plan fits the model first)."""
-        from .runtime import make_cache
+        """Alias of :func:`kvcompile.runtime.make_cache` (checks the plan fits the model first).
 
-        return make_cache(self, model, **kw)
+        A plan does not import the runtime: importing :mod:`kvcompile.runtime` registers the builder
+        as ``Plan.make_cache.builder``."""
+        builder = getattr(Plan.make_cache, "builder", None)
+        if builder is None:
+            raise PlanError("plan.make_cache needs the runtime: import kvcompile.runtime first")
+        return builder(self, model, **kw)
 
     # ---- invariants ---------------------------------------------------------------------------
     def verify(self, *, derived: bool = True) -> list[list[Strategy]]:
@@ -256,6 +260,11 @@ class Plan(BaseModel):
             return
         if "context" in pr and pr["context"] != cfg.context or "batch" in pr and pr["batch"] != cfg.batch:
             raise PlanError("predicted: context/batch differ from the plan's config")
+        if "target" in pr and pr["target"] not in self._target_names():
+            raise PlanError(f"predicted.target {_short(pr['target'])} is not the plan's target {self.target.name}")
+        t = self.target
+        if "memory_capacity_bytes" in pr and pr["memory_capacity_bytes"] != t.memory_bytes * t.gpus:
+            raise PlanError("predicted.memory_capacity_bytes is not the target's memory x GPUs")
         want: dict[str, float] = {}
         kv_ctx = self.predicted_kv_bytes(cfg.context, cfg.batch)
         per_seq = self.predicted_kv_bytes(cfg.context, 1)
@@ -290,6 +299,10 @@ class Plan(BaseModel):
                     f"predicted.{key} = {str(got)[:40]} but the layers give {value}: the plan was edited or is stale"
                 )
 
+    def _target_names(self) -> tuple[str, str]:
+        t = self.target
+        return t.name, f"{t.name}:{t.gpus}"
+
     def _verify_placement(self) -> None:
         """A placement (``place_kv``) must describe this plan: its node, context, layers and heads."""
         pl = self.placement
@@ -300,6 +313,8 @@ class Plan(BaseModel):
         except ValidationError as e:
             raise PlanError(f"placement: {_first_error(e)}") from None
         sites = self.model.sites
+        if view.target not in self._target_names() or view.per_gpu.capacity != self.target.memory_bytes:
+            raise PlanError(f"placement: made for target {view.target[:40]!r}, not the plan's {self.target.name}")
         if view.gpus != self.target.gpus or view.context != self.config.context:
             raise PlanError(f"placement: made for {view.gpus} GPUs at context {view.context}, the plan's "
                             f"target has {self.target.gpus} GPUs and context {self.config.context}")  # fmt: skip

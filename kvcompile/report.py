@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .ir import dtype_bytes
-from .plan import Plan
+from .plan import MAX_BATCH, MAX_CONTEXT, Plan, SettingsError
 from .strategies import Strategy
 from .targets import Target, load_target
 
@@ -28,8 +28,8 @@ class View:
     def of(cls, plan: Plan, context: int | None = None, batch: int | None = None) -> View:
         ctx = plan.config.context if context is None else context
         b = plan.config.batch if batch is None else batch
-        if ctx <= 0 or b <= 0:
-            raise ValueError(f"context={ctx} and batch={b} must be positive")
+        if not 0 < ctx <= MAX_CONTEXT or not 0 < b <= MAX_BATCH:
+            raise SettingsError(f"context={ctx} and batch={b} must be in [1, {MAX_CONTEXT}] and [1, {MAX_BATCH}]")
         return cls(ctx, b)
 
 
@@ -124,7 +124,9 @@ def short_names(strategies: Iterable[Strategy]) -> dict[str, str]:
 
 
 def _ranges(heads: list[int]) -> str:
-    """``[0, 1, 2, 5] -> 'h0-h2,h5'``."""
+    """``[0, 1, 2, 5] -> 'h0-h2,h5'`` (``[] -> '-'``)."""
+    if not heads:
+        return "-"
     out: list[str] = []
     start = heads[0]
     for a, b in zip(heads, [*heads[1:], -1], strict=True):
