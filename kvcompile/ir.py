@@ -10,13 +10,16 @@ Invariants
 * ``num_q_heads % num_kv_heads == 0`` (GQA grouping is exact).
 * ``assignment``, when set, has one entry per layer and one strategy spec per KV head of that layer.
 * Sizes are positive; ``sliding_window`` is ``None`` or positive.
+* ``facts`` keys are the ones in ``FACT_TYPES`` and each value has its declared type: the planner's own
+  results are typed frozen records (:class:`Candidates`, :class:`Damage`, :class:`SolveResult`) whose
+  shapes agree with the sites and with each other; the rest (what becomes plan fields) are mappings.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -109,7 +112,7 @@ class Program:
 
     ``assignment[layer][kv_head]`` is a strategy spec dict (``{"name": ..., **params}``) as stored in
     plans; ``None`` until a pass assigns strategies. ``facts`` holds pass results that later passes
-    read (e.g. calibration damage tables, solver status); values must be JSON-serialisable.
+    read: keys and types are declared in ``FACT_TYPES`` (checked by :func:`verify`); values serialise to JSON.
     """
 
     model: ModelInfo
@@ -134,6 +137,116 @@ class Program:
 
 class IRError(ValueError):
     """An IR invariant does not hold."""
+
+
+# ---- typed facts ----------------------------------------------------------------------------------
+class FactRecord:
+    """Base of typed, frozen fact records. Read-only mapping access (``rec["specs"]``, ``rec.get``,
+    ``items``) mirrors the fields, so a record serialises like the JSON object it stands for."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self))  # type: ignore[arg-type]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+
+@dataclass(frozen=True)
+class Candidates(FactRecord):
+    """``assign_candidates``: candidate specs defined at ``context``; ``per_layer[l]``: valid indices."""
+
+    context: int
+    specs: Sequence[Mapping[str, Any]]
+    per_layer: Sequence[Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Damage(FactRecord):
+    """``calibrate``: ``values[l][h][c]`` per candidate; ``source`` is ``calibration`` or ``priors``."""
+
+    source: str
+    values: Sequence[Sequence[Sequence[float]]]
+    layer_weight: Sequence[float]
+    key: str | None = None
+    cache_hit: bool | None = None
+    seconds: float | None = None
+    calibration: str | None = None
+    tokens: int | None = None
+    samples: int | None = None
+
+
+@dataclass(frozen=True)
+class SolveResult(FactRecord):
+    """``solve_assignment``: solver status and the bytes of the chosen assignment."""
+
+    status: str
+    objective: float
+    bound: float | None
+    gap: float | None
+    wall_s: float
+    num_vars: int
+    budget_bytes: int | None
+    budget: str
+    total_bytes: int
+    budget_used: float | None
+    kv_ratio_vs_full_bf16: float
+    damage_source: str
+
+
+# every fact a pass may put in a program, with its type (records are checked further in verify)
+FACT_TYPES: Mapping[str, type | tuple[type, ...]] = MappingProxyType({
+    "candidates": Candidates,
+    "damage": Damage,
+    "solve": SolveResult,
+    "damage_scale": (list, tuple),
+    "predicted": Mapping,
+    "measured": Mapping,
+    "placement": Mapping,
+    "schedule": (list, tuple, Mapping),
+    "kernels": Mapping,
+    "notes": (list, tuple),
+    "pass_timings": Mapping,
+})
+
+
+def _verify_facts(program: Program) -> None:
+    facts = program.facts
+    for key, value in facts.items():
+        want = FACT_TYPES.get(key)
+        if want is None:
+            raise IRError(f"unknown fact {key!r}; declared facts: {sorted(FACT_TYPES)} (ir.FACT_TYPES)")
+        if not isinstance(value, want):
+            raise IRError(f"fact {key!r} must be {getattr(want, '__name__', want)}, got {type(value).__name__}")
+    if not all(isinstance(n, str) for n in facts.get("notes", ())):
+        raise IRError("fact 'notes' must be a list of strings")
+    L = len(program.sites)
+    cands = facts.get("candidates")
+    bad = cands is not None and (
+        len(cands.per_layer) != L or any(not 0 <= i < len(cands.specs) for r in cands.per_layer for i in r))
+    if bad:
+        raise IRError(f"candidates: per_layer must list valid spec indices for each of {L} layers")
+    dmg = facts.get("damage")
+    if dmg is not None:
+        if dmg.source not in ("calibration", "priors"):
+            raise IRError(f"damage source {dmg.source!r} must be 'calibration' or 'priors'")
+        heads = [len(layer) for layer in dmg.values]
+        if heads != [s.num_kv_heads for s in program.sites]:
+            raise IRError(f"damage values must be [layer][kv head][candidate] for {L} layers, got heads {heads}")
+        if cands is not None and any(len(row) != len(cands.specs) for layer in dmg.values for row in layer):
+            raise IRError(f"damage rows must have one value per candidate ({len(cands.specs)})")
 
 
 def verify(program: Program) -> Program:
@@ -164,4 +277,5 @@ def verify(program: Program) -> Program:
             for spec in heads:
                 if "name" not in spec:
                     raise IRError(f"layer {s.layer}: strategy spec without a name: {dict(spec)}")
+    _verify_facts(program)
     return program

@@ -50,10 +50,10 @@ from typing import Any
 
 import torch
 
-from ..ir import Program
+from ..ir import Damage, Program
 from ..strategies import Full, Strategy, from_spec, reference_attention
-from . import PassContext
 from .calibration_set import CalibrationSample, build_sample, load_set
+from .context import PassContext, contract
 
 log = logging.getLogger("kvcompile.passes.calibrate")
 
@@ -386,6 +386,7 @@ def prior_layer_weights(num_layers: int) -> list[float]:
 
 
 # ---- the pass ------------------------------------------------------------------------------------
+@contract(requires=("candidates",), provides=("damage", "notes"))
 def calibrate(program: Program, ctx: PassContext) -> Program:
     """Fill ``facts["damage"]``: ``values[l][h][c]`` per candidate of ``facts["candidates"]``.
 
@@ -412,8 +413,7 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
             "the model has no real weights"
         notes.append(f"UNVERIFIED plan: strategies were chosen from literature priors, not measured on this "
                      f"model ({why}); its quality is unknown")
-        damage = {"source": "priors", "values": values, "layer_weight": weights}
-        return program.with_facts(damage=damage, notes=notes)
+        return program.with_facts(damage=Damage(source="priors", values=values, layer_weight=weights), notes=notes)
     data = run_calibration(
         model, ctx.tokenizer, cands, context=context, calibration=ctx.config.calibration,
         progress=ctx.progress,
@@ -430,9 +430,8 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
     notes.append(f"damage calibrated on {data['samples']} x {data['tokens']}-token samples of "
                  f"{data['calibration']!r}; units: predicted loss increase on the scored tokens "
                  "(nats, empirical Fisher)")
-    damage = {
-        "source": "calibration", "values": values, "layer_weight": sens,
-        "key": data["key"], "cache_hit": data["cache_hit"], "seconds": data["seconds"],
-        "calibration": data["calibration"], "tokens": data["tokens"], "samples": data["samples"],
-    }
+    damage = Damage(
+        source="calibration", values=values, layer_weight=sens, key=data["key"], cache_hit=data["cache_hit"],
+        seconds=data["seconds"], calibration=data["calibration"], tokens=data["tokens"], samples=data["samples"],
+    )
     return program.with_facts(damage=damage, notes=notes)

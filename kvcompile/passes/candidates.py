@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..ir import Program
+from ..ir import Candidates, Program
 from ..strategies import REGISTRY, Full, Quant, SinkWindow, SnapKV, Strategy, default_instances, from_spec
 from ..targets import Target
-from . import PassContext
+from .context import PassContext, contract
 
 
 def needs_solve(config: Any) -> bool:
@@ -77,6 +77,7 @@ def candidate_grid(context: int, options: dict[str, Any]) -> list[Strategy]:
     return planner_grid(context)
 
 
+@contract(provides=("candidates",))
 def assign_candidates(program: Program, ctx: PassContext) -> Program:
     """Put ``facts["candidates"] = {"context", "specs", "per_layer"}`` when a budget is set.
 
@@ -109,7 +110,7 @@ def assign_candidates(program: Program, ctx: PassContext) -> Program:
                 continue
             ok.append(i)
         per_layer.append(ok)
-    fact = {"context": context, "specs": [s.to_spec() for s in grid], "per_layer": per_layer}
+    fact = Candidates(context=context, specs=[s.to_spec() for s in grid], per_layer=per_layer)
     return program.with_facts(candidates=fact)
 
 

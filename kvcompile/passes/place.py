@@ -25,7 +25,7 @@ from ..ir import Program, dtype_bytes
 from ..solve.parallel import OBJECTIVES, ParallelInfeasible, ParallelProblem, ParallelSolution, solve_parallel
 from ..strategies import from_spec
 from ..targets import Target
-from . import PassContext
+from .context import ASSIGNMENT, PassContext, contract
 
 
 def intermediate_size(program: Program, model: Any = None) -> tuple[int, str]:
@@ -115,6 +115,7 @@ def placement_facts(
     return facts
 
 
+@contract(requires=(ASSIGNMENT,), provides=("placement", "notes"))
 def place_kv(program: Program, ctx: PassContext) -> Program:
     """Solve TP degree x placement x batch for the assigned strategies; see the module docstring."""
     objective = getattr(ctx.config, "objective", "min-damage")

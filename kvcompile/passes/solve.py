@@ -6,10 +6,10 @@ import dataclasses
 from typing import Any
 
 from .. import cost
-from ..ir import Program, dtype_bytes
+from ..ir import Program, SolveResult, dtype_bytes
 from ..solve import HeadProblem, InfeasibleBudget, Option, solve_heads
 from ..strategies import from_spec
-from . import PassContext
+from .context import ASSIGNMENT, PassContext, contract
 
 PICO = 1e12  # latency terms are integer picoseconds
 
@@ -85,6 +85,7 @@ def assignment_from(problem: HeadProblem, choice: tuple[tuple[int, ...], ...], s
     )
 
 
+@contract(requires=("candidates", "damage"), provides=("solve", ASSIGNMENT))
 def solve_assignment(program: Program, ctx: PassContext) -> Program:
     """Assumes ``assign_candidates`` and ``calibrate``; sets ``assignment`` and ``facts["solve"]``.
 
@@ -110,15 +111,16 @@ def solve_assignment(program: Program, ctx: PassContext) -> Program:
     specs = program.facts["candidates"]["specs"]
     assignment = assignment_from(problem, sol.choice, specs)
     full16 = cost.full_bf16_kv_bytes(program, ctx.config.context)
-    facts = {
-        "status": sol.status, "objective": sol.objective, "bound": sol.bound, "gap": sol.gap,
-        "wall_s": round(sol.wall_s, 3), "num_vars": sol.num_vars, "budget_bytes": budget, "budget": how,
-        "total_bytes": sol.total_bytes, "budget_used": sol.total_bytes / budget if budget else None,
-        "kv_ratio_vs_full_bf16": sol.total_bytes / full16, "damage_source": program.facts["damage"]["source"],
-    }
+    facts = SolveResult(
+        status=sol.status, objective=sol.objective, bound=sol.bound, gap=sol.gap, wall_s=round(sol.wall_s, 3),
+        num_vars=sol.num_vars, budget_bytes=budget, budget=how, total_bytes=sol.total_bytes,
+        budget_used=sol.total_bytes / budget if budget else None,
+        kv_ratio_vs_full_bf16=sol.total_bytes / full16, damage_source=program.facts["damage"]["source"],
+    )
     return dataclasses.replace(program, assignment=assignment).with_facts(solve=facts)
 
 
+@contract(requires=(ASSIGNMENT,), provides=("predicted",))
 def predict_costs(program: Program, ctx: PassContext) -> Program:
     """Put the roofline prediction of the current assignment in ``facts["predicted"]`` (see cost.py)."""
     if program.assignment is None:

@@ -32,9 +32,9 @@ from typing import Any
 
 from ..ir import Program
 from ..strategies import from_spec
-from . import PassContext
 from .calibration import rescale
 from .calibration_set import load_set
+from .context import ASSIGNMENT, PassContext, contract
 from .solve import predict_costs, solve_assignment
 
 TIGHTEN = 4.0
@@ -135,6 +135,8 @@ def passes_tolerance(m: dict[str, Any], tolerance: float | None) -> bool:
     return not failing_families(m, tolerance)
 
 
+@contract(requires=(ASSIGNMENT, "candidates", "damage", "solve"),
+          provides=("measured", "notes", ASSIGNMENT, "solve", "predicted", "damage_scale"))
 def verify_plan(program: Program, ctx: PassContext) -> Program:
     """Assumes a solved assignment (``facts["solve"]``) and a real model; else returns the program.
 
