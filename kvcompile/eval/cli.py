@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError as e:
             print(f"kvcompile eval: --uniform is not valid JSON: {e}", file=sys.stderr)
             return 2
-    model_spec = args.model or (plan.model.name if plan is not None else "smollm2-135m")
+    from ..models import plan_model_spec  # a plan's name never selects a local path
+
+    model_spec = args.model or (plan_model_spec(plan.model.name) if plan is not None else "smollm2-135m")
     loaded = load_model(model_spec)
     if spec is not None:
         from ..runtime.builders import uniform_plan
