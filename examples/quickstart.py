@@ -11,6 +11,7 @@ import sys
 import torch
 
 import kvcompile
+from kvcompile._compat import cache_kw
 from kvcompile.models import load
 from kvcompile.report import render_inspect
 
@@ -36,7 +37,7 @@ def main(out: str = "out/quickstart.kvplan") -> int:
     ids = tok(PROMPT, return_tensors="pt")
     cache = plan.make_cache(model)
     with torch.no_grad():
-        gen = model.generate(**ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        gen = model.generate(**ids, **cache_kw(cache), max_new_tokens=6, do_sample=False)
     answer = tok.decode(gen[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
     print(f"generated with the plan's cache: {answer!r}")
     print(f"cache holds {cache.nbytes()} B for {cache.get_seq_length()} tokens")

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from kvcompile import models
+from kvcompile._compat import cache_kw
 from kvcompile.plan import load as load_plan
 from kvcompile.runtime import mixed_plan
 from kvcompile.runtime.distributed import RankReport, load_tp_model, make_rank_cache, rank_heads, shard_plan
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **cache_kw(cache),
             max_new_tokens=args.max_new_tokens,
             do_sample=False,
             pad_token_id=tok.eos_token_id,

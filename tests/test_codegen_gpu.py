@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from kvcompile._compat import cache_kw
 from kvcompile.codegen import bench
 from kvcompile.codegen import reference as ref
 
@@ -79,7 +80,7 @@ def test_smollm2_triton_backend_validate_equals_torch(smol):
         for backend in ("torch", "triton"):
             cache = make_cache(plan, model, backend=backend)
             interp = attach(cache, validate=True) if backend == "triton" else None
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+            out = model.generate(ids, **cache_kw(cache), max_new_tokens=16, do_sample=False)
             tokens[backend] = out[0, ids.shape[1] :].tolist()
         assert tokens["triton"] == tokens["torch"]
         assert interp.errors["attend_decode"] < 1e-3 and interp.errors["flush_quant"] == 0.0

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvcompile._compat import cache_kw
 from kvcompile.runtime import make_cache, mixed_plan
 from kvcompile.runtime.distributed import TieredCache, make_rank_cache, rank_heads, shard_plan
 from kvcompile.solve.parallel import rank_heads as solver_rank_heads
@@ -48,7 +49,7 @@ def prompt_ids(tok) -> torch.Tensor:
 
 def generate(model, tok, cache, ids, n=8) -> list[int]:
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kw(cache),
                              max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)  # fmt: skip
     return out[0, ids.shape[1] :].tolist()
 

@@ -74,7 +74,7 @@ def _rows(seed: int, lengths: list[int]) -> list[list[int]]:
 def _generate(model, ids, mask, cache=None, **kw):
     kw.setdefault("max_new_tokens", 12)
     kw.setdefault("do_sample", False)
-    return model.generate(ids, attention_mask=mask, past_key_values=cache, pad_token_id=0, **kw)
+    return model.generate(ids, attention_mask=mask, **cache_kw(cache), pad_token_id=0, **kw)
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
@@ -118,13 +118,13 @@ def test_mixed_lossless_groups_match_dynamic_cache(llama):
     ids, mask = _batch(_rows(3, [11, 7]))
     ref_cache = DynamicCache(config=llama.config)
     with torch.no_grad():
-        got = llama(ids, attention_mask=mask, past_key_values=cache).logits
-        ref = llama(ids, attention_mask=mask, past_key_values=ref_cache).logits
+        got = llama(ids, attention_mask=mask, **cache_kw(cache)).logits
+        ref = llama(ids, attention_mask=mask, **cache_kw(ref_cache)).logits
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         nxt = got[:, -1].argmax(-1, keepdim=True)
         mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
-        got2 = llama(nxt, attention_mask=mask2, past_key_values=cache).logits
-        ref2 = llama(nxt, attention_mask=mask2, past_key_values=ref_cache).logits
+        got2 = llama(nxt, attention_mask=mask2, **cache_kw(cache)).logits
+        ref2 = llama(nxt, attention_mask=mask2, **cache_kw(ref_cache)).logits
     torch.testing.assert_close(got2, ref2, atol=1e-5, rtol=1e-5)
     per_layer = cache.layer_bytes()
     assert [g["kv_heads"] for g in per_layer[0]["groups"]] == [[0, 2], [1]]
@@ -203,7 +203,7 @@ def test_question_agnostic_prefill_then_generate(gpt2):
     full = torch.tensor([ctx + question])
     cache = make_cache(uniform_plan(gpt2, "full", context=512), gpt2)
     with torch.no_grad():
-        gpt2(torch.tensor([ctx]), past_key_values=cache)
+        gpt2(torch.tensor([ctx]), **cache_kw(cache))
     assert cache.get_seq_length() == len(ctx)
     out = _generate(gpt2, full, torch.ones_like(full), cache)
     ref = _generate(gpt2, full, torch.ones_like(full), DynamicCache(config=gpt2.config))
@@ -310,12 +310,12 @@ def test_cuda_mixed_plan_matches_dynamic_cache(llama):
     ids, mask = (t.cuda() for t in _batch(_rows(6, [10, 4])))
     cache, ref_cache = make_cache(plan, model), DynamicCache(config=model.config)
     with torch.no_grad():
-        got = model(ids, attention_mask=mask, past_key_values=cache).logits
-        ref = model(ids, attention_mask=mask, past_key_values=ref_cache).logits
+        got = model(ids, attention_mask=mask, **cache_kw(cache)).logits
+        ref = model(ids, attention_mask=mask, **cache_kw(ref_cache)).logits
         nxt = ref[:, -1].argmax(-1, keepdim=True)
         mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
-        got2 = model(nxt, attention_mask=mask2, past_key_values=cache).logits
-        ref2 = model(nxt, attention_mask=mask2, past_key_values=ref_cache).logits
+        got2 = model(nxt, attention_mask=mask2, **cache_kw(cache)).logits
+        ref2 = model(nxt, attention_mask=mask2, **cache_kw(ref_cache)).logits
     torch.testing.assert_close(got[1, 6:], ref[1, 6:], atol=1e-4, rtol=1e-4)  # row 1's padding is don't-care
     torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got2, ref2, atol=1e-4, rtol=1e-4)

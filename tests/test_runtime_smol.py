@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcompile import strategies
+from kvcompile._compat import cache_kw
 from kvcompile.ir import dtype_bytes
 from kvcompile.plan import PlanError
 from kvcompile.runtime import make_cache, plan_for, uniform_plan
@@ -45,8 +46,8 @@ def test_full_plan_reproduces_dynamic_cache_on_five_prompts(smol, full_plan):
     for prompt in PROMPTS:
         ids = _chat_ids(tok, prompt)
         kw = dict(max_new_tokens=25, min_new_tokens=20, do_sample=False)
-        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
-        out = model.generate(ids, past_key_values=make_cache(full_plan, model), **kw)
+        ref = model.generate(ids, **cache_kw(DynamicCache(config=model.config)), **kw)
+        out = model.generate(ids, **cache_kw(make_cache(full_plan, model)), **kw)
         assert ref.shape[1] - ids.shape[1] >= 20
         assert out.tolist() == ref.tolist(), prompt
 
@@ -60,9 +61,9 @@ def test_left_padded_batch_rows_equal_single_runs(smol, full_plan):
     mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
     assert len({len(r) for r in rows}) == 3  # real padding in two rows
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=pad)
-    out = model.generate(ids, attention_mask=mask, past_key_values=make_cache(full_plan, model), **kw)
+    out = model.generate(ids, attention_mask=mask, **cache_kw(make_cache(full_plan, model)), **kw)
     for i, r in enumerate(rows):
-        single = model.generate(torch.tensor([r]), past_key_values=make_cache(full_plan, model), **kw)
+        single = model.generate(torch.tensor([r]), **cache_kw(make_cache(full_plan, model)), **kw)
         new = single[0, len(r) :].tolist()
         assert out[i, n : n + len(new)].tolist() == new
 
@@ -75,7 +76,7 @@ def test_sampling_with_compressed_plan(smol):
     for _ in range(2):
         torch.manual_seed(7)
         runs.append(
-            model.generate(ids, past_key_values=make_cache(plan, model), max_new_tokens=15, do_sample=True)
+            model.generate(ids, **cache_kw(make_cache(plan, model)), max_new_tokens=15, do_sample=True)
         )
     assert runs[0].tolist() == runs[1].tolist()
     new = runs[0][0, ids.shape[1] :]
@@ -95,8 +96,8 @@ def test_question_agnostic_passkey(smol, full_plan):
     ids = torch.cat([ctx_ids, tok(question, return_tensors="pt").input_ids], 1)
     cache = make_cache(full_plan, model)
     with torch.no_grad():
-        model(ctx_ids, past_key_values=cache)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        model(ctx_ids, **cache_kw(cache))
+    out = model.generate(ids, **cache_kw(cache), max_new_tokens=6, do_sample=False)
     ref = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert out.tolist() == ref.tolist()
     assert "48213" in tok.decode(out[0, ids.shape[1] :])
@@ -134,7 +135,7 @@ def _prefill(model, plan, tokens: int):
     ids = torch.randint(100, 30000, (1, tokens), generator=torch.Generator().manual_seed(0))
     cache = make_cache(plan, model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, logits_to_keep=1)
+        model(ids, **cache_kw(cache), logits_to_keep=1)
     return cache
 
 
@@ -213,7 +214,7 @@ def test_prefill_then_decode_bytes_match_prediction(smol, spec):
     plan = uniform_plan(smol.model, spec, context=512)
     cache = plan.make_cache(smol.model)
     ids = torch.randint(100, 5000, (1, 200), generator=torch.Generator().manual_seed(3))
-    out = smol.model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    out = smol.model.generate(ids, **cache_kw(cache), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     decoded = out.shape[1] - ids.shape[1] - 1  # the last sampled token is never fed back
     assert cache.get_seq_length() == 200 + decoded
     assert cache.nbytes() == plan.predicted_kv_bytes(200, decoded=decoded)

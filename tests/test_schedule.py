@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcompile._compat import cache_kw
 from kvcompile.codegen.lower import emit_kernels, load_plan_kernels, lower, lower_strategies, with_codegen
+from kvcompile.codegen.schedule import Instr, Schedule
 from kvcompile.runtime.attention import attend_layer
 from kvcompile.runtime.cache import KVCompileLayer
 from kvcompile.runtime.interpreter import Interpreter, attach
-from kvcompile.runtime.schedule import Instr, Schedule
 from kvcompile.strategies import from_spec
 
 Q4 = {"name": "quant", "bits": 4, "group": 8, "residual": 8}
@@ -175,7 +176,7 @@ def test_smollm2_greedy_generation_interpreter_validate_equals_torch(smol):
         cache = make_cache(plan, model, backend=backend)
         if backend != "torch":
             interp = attach(cache, validate=True)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        out = model.generate(ids, **cache_kw(cache), max_new_tokens=6, do_sample=False)
         tokens[backend] = out[0, ids.shape[1] :].tolist()
     model.set_attn_implementation("sdpa")
     assert tokens["triton-interpret"] == tokens["torch"]
@@ -207,14 +208,24 @@ def test_emit_code_pass_puts_schedule_and_kernels_in_facts():
         emit_code(Program(model, sites), None)
 
 
-def test_kernel_backend_without_attach_lowers_each_layer_lazily():
-    ref_layer = KVCompileLayer(0, MIXED[1], 64, 3, backend="torch")
-    fast = KVCompileLayer(0, MIXED[1], 64, 3, backend="triton-interpret")
-    ref_out, fast_out = _drive([ref_layer, fast], steps=3, seed=2)
-    for a, b in zip(ref_out, fast_out, strict=True):
+def test_kernel_backend_needs_an_attached_schedule_and_cpu_matches_the_reference():
+    """Serving never lowers: a kernel-backend layer without a schedule fails with a one-line error;
+    once attached (what make_cache does), the cpu backend's C kernels match the torch reference."""
+    fast = KVCompileLayer(0, MIXED[1], 64, 3, backend="cpu")
+    with pytest.raises(RuntimeError, match="runs a schedule"):
+        _drive([fast], steps=0)
+    row = [from_spec(Q4), from_spec(H2O), from_spec({"name": "fp8"})]
+    ref_layer = KVCompileLayer(0, row, 64, 3, backend="torch")
+    cpu = KVCompileLayer(0, row, 64, 3, backend="cpu")
+    interp = attach(_Layers([cpu]))
+    ref_out, cpu_out = _drive([ref_layer, cpu], steps=40, seed=2)  # over a KIVI flush
+    for a, b in zip(ref_out, cpu_out, strict=True):
         torch.testing.assert_close(b, a, atol=5e-5, rtol=5e-5)
-    from kvcompile.runtime.interpreter import _ATTACHED
+    assert interp.counts["attend_decode"] == 40 and interp.counts["attend_scored"] == 40
 
-    interp, idx = _ATTACHED[fast]
-    assert idx == 0 and interp.counts["attend_decode"] == 3 and interp.counts["attend_ref"] == 3
-    assert interp.counts["attend_scored"] == 3
+
+class _Layers:
+    """The part of a cache ``attach`` reads: ``layers`` and ``backend``."""
+
+    def __init__(self, layers):
+        self.layers, self.backend = layers, layers[0].backend

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvcompile._compat import cache_kw
 from kvcompile.runtime import make_cache, uniform_plan
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def _generate(model, ids, mask, cache):
     return model.generate(
         ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **cache_kw(cache),
         max_new_tokens=NEW,
         min_new_tokens=NEW,
         do_sample=False,
@@ -75,7 +76,7 @@ def test_lossless_configs_reproduce_full_cache_tokens(smol, batch, reference, sp
 
 @torch.no_grad()
 def _logits(model, ids, cache):
-    return model(ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+    return model(ids, **cache_kw(cache), use_cache=True).logits[0, -1].float()
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ Kernels (each with a pure-torch twin in :mod:`.reference`, which tests compare a
 All decode kernels share :mod:`._common`: GQA-aware tiles (one program serves the G query heads of a
 KV head), online softmax in the log2 domain, split-K partials merged by one reduce launch.
 :mod:`.keys` / :mod:`.cache` specialize and store rendered sources (content-hashed), :mod:`.lower`
-turns a plan into the runtime schedule (``runtime/schedule.py``, run by ``runtime/interpreter.py``),
+turns a plan into the runtime schedule (``codegen/schedule.py``, run by ``runtime/interpreter.py``),
 :mod:`.bench` is ``kvcompile bench`` and :mod:`.aot` compiles every kernel for sm_90 without a GPU.
 See README.md in this folder for the add-a-kernel checklist.
 """

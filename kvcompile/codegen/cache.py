@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import sys
 import textwrap
@@ -32,7 +33,6 @@ from pathlib import Path
 from types import ModuleType
 
 from .._io import write_atomic
-from ..models import cache_dir
 from ..plan import PlanError
 from . import _common, decode_compact, decode_mixed, decode_quant, quant_append
 from .keys import KernelKey
@@ -89,7 +89,7 @@ def render(key: KernelKey) -> str:
 
 
 def kernel_dir() -> Path:
-    return cache_dir() / "kernels"
+    return Path(os.environ.get("KVCOMPILE_CACHE_DIR", Path.home() / ".cache" / "kvcompile")) / "kernels"
 
 
 def _valid_file(path: Path, digest: str) -> bool:

@@ -17,7 +17,7 @@ bytes:
 Scores are exact float32 (two-pass softmax over a scratch row). The reference is
 ``codegen.reference.decode_quant`` / ``decode_compact`` / ``decode_full``; tests compare against it.
 
-The source is compiled with ``cc -O3 -march=native`` into ``$KVCOMPILE_CACHE/cpu/<sha>.so`` (keyed by
+The source is compiled with ``cc -O3 -march=native`` into ``$KVCOMPILE_CACHE_DIR/cpu/<sha>.so`` (keyed by
 source, flags and CPU model) and loaded with ctypes; :func:`available` says whether that worked (no C
 compiler: the runtime's ``cpu`` backend refuses to start with a one-line error). Call overhead is a
 few microseconds, and the GIL is released during the call.
@@ -260,7 +260,7 @@ _ERROR: str | None = None
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("KVCOMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvcompile")
+    root = os.environ.get("KVCOMPILE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvcompile")
     return Path(root) / "cpu"
 
 

@@ -5,7 +5,7 @@ Per layer, KV heads sharing a strategy form head groups (the same grouping as th
 served by one decode launch per layer: a uniform kernel when the layer has one such group, the fused
 mixed-format kernel otherwise. H2O groups (which must also return the attention mass they accumulate)
 get one ``decode_compact_scored`` launch each; other formats keep their store's torch reference.
-See ``runtime/schedule.py`` for the phases.
+See ``codegen/schedule.py`` for the phases.
 
 Example
 -------
@@ -20,11 +20,10 @@ from typing import Any
 
 from ..ir import Program
 from ..plan import Plan, PlanError
-from ..runtime.cache import group_heads
-from ..runtime.schedule import Instr, Schedule
 from ..strategies import Strategy, from_spec
 from .cache import KernelSourceError, load_kernel, render, sha256
 from .keys import DTYPE_TAGS, KernelKey, append_key, decode_key, scored_key, slot_for
+from .schedule import Instr, Schedule, group_heads
 
 SELECTION_FORMATS = ("compact", "compact_scored")
 

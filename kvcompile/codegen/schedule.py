@@ -1,4 +1,5 @@
-"""The runtime schedule: frozen instruction records per phase, produced by ``codegen.lower``.
+"""The runtime schedule: frozen instruction records per phase, produced by ``codegen.lower`` and
+executed by ``runtime/interpreter.py``; and the head grouping both sides share (:func:`group_heads`).
 
 Plain data only (no torch, no triton): a plan can carry its schedule as JSON (``Plan.schedule``) and
 :mod:`kvcompile.runtime.interpreter` executes it with ``HANDLERS[instr.op](ctx, instr)``.
@@ -19,9 +20,12 @@ Phases, in the order one forward of a layer runs them:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
+
+from ..strategies import Strategy
 
 PHASES = ("prefill", "decode", "flush", "evict")
 OPS = ("attend_ref", "append", "push_residual", "attend_decode", "attend_scored", "flush_quant")
@@ -85,3 +89,27 @@ class Schedule:
     @classmethod
     def from_json(cls, rows: list[Mapping[str, Any]], kernels: Mapping[str, Any] | None = None) -> Schedule:
         return cls(tuple(Instr.from_json(r) for r in rows), MappingProxyType(dict(kernels or {})))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeadGroup:
+    """KV heads of one layer sharing a strategy; ``q_heads`` are the query heads they serve, in order."""
+
+    strategy: Strategy
+    kv_heads: tuple[int, ...]
+    q_heads: tuple[int, ...]
+
+
+def group_heads(strategies: Sequence[Strategy], gqa: int) -> tuple[HeadGroup, ...]:
+    """Group KV heads by identical strategy spec, in order of first appearance.
+
+    Query head ``j`` reads KV head ``j // gqa``, so a group of KV heads {i, k} serves query heads
+    ``[i*gqa, (i+1)*gqa) ∪ [k*gqa, (k+1)*gqa)``.
+    """
+    order: dict[str, tuple[Strategy, list[int]]] = {}
+    for h, s in enumerate(strategies):
+        order.setdefault(json.dumps(s.to_spec(), sort_keys=True), (s, []))[1].append(h)
+    return tuple(
+        HeadGroup(s, tuple(hs), tuple(q for h in hs for q in range(h * gqa, (h + 1) * gqa)))
+        for s, hs in order.values()
+    )

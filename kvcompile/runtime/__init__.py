@@ -14,7 +14,7 @@ Example
 >>> m = load("smollm2-135m")                                            # doctest: +SKIP
 >>> plan = uniform_plan(m.model, {"name": "full"}, context=4096)        # doctest: +SKIP
 >>> cache = make_cache(plan, m.model)                                    # doctest: +SKIP
->>> m.model.generate(ids, past_key_values=cache, max_new_tokens=20)     # doctest: +SKIP
+>>> m.model.generate(ids, cache=cache, max_new_tokens=20)     # doctest: +SKIP
 >>> cache.nbytes() == plan.predicted_kv_bytes(cache.get_seq_length())   # doctest: +SKIP
 """
 
@@ -27,6 +27,7 @@ from ..plan import Plan, PlanError
 from .attention import ATTN_IMPLEMENTATION, BACKENDS, kvcompile_attention, register
 from .builders import hf_model, mixed_plan, plan_for, uniform_plan
 from .cache import HeadGroup, KVCompileCache, KVCompileLayer, PlanWarning
+from .interpreter import attach
 from .validate import Geometry, check_plan, model_geometry
 
 
@@ -61,11 +62,11 @@ def make_cache(plan: Plan, model: Any, *, backend: str = "torch", strict: bool =
     cache = KVCompileCache(strategies, head_dim=geo.head_dim, gqa=geo.gqa, backend=backend, notes=notes,
                            context=plan.config.context)  # fmt: skip
     cache.previous_attn_implementation = previous
-    if backend != "torch" and plan.kernels:
-        from .interpreter import attach  # run the plan's own kernel sources, hash-checked (codegen issue)
-
-        attach(cache, plan=plan)
+    attach(cache, plan=plan)  # the plan's schedule (lowered once, here) and its hash-checked kernels
     return cache
+
+
+Plan.make_cache.builder = make_cache  # type: ignore[attr-defined]  # the plan's import-free alias
 
 
 __all__ = [

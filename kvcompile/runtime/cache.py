@@ -35,16 +35,15 @@ which is why the warning is raised (compile the plan for the longer context to k
 from __future__ import annotations
 
 import contextvars
-import json
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..codegen.schedule import HeadGroup, group_heads
 from ..strategies import Store, Strategy
 
 
@@ -67,30 +66,6 @@ def pending() -> dict[int, tuple[weakref.ReferenceType[torch.Tensor], KVCompileL
         table = {}
         _PENDING.set(table)
     return table
-
-
-@dataclass(frozen=True, slots=True)
-class HeadGroup:
-    """KV heads of one layer sharing a strategy; ``q_heads`` are the query heads they serve, in order."""
-
-    strategy: Strategy
-    kv_heads: tuple[int, ...]
-    q_heads: tuple[int, ...]
-
-
-def group_heads(strategies: Sequence[Strategy], gqa: int) -> tuple[HeadGroup, ...]:
-    """Group KV heads by identical strategy spec, in order of first appearance.
-
-    Query head ``j`` reads KV head ``j // gqa``, so a group of KV heads {i, k} serves query heads
-    ``[i*gqa, (i+1)*gqa) ∪ [k*gqa, (k+1)*gqa)``.
-    """
-    order: dict[str, tuple[Strategy, list[int]]] = {}
-    for h, s in enumerate(strategies):
-        order.setdefault(json.dumps(s.to_spec(), sort_keys=True), (s, []))[1].append(h)
-    return tuple(
-        HeadGroup(s, tuple(hs), tuple(q for h in hs for q in range(h * gqa, (h + 1) * gqa)))
-        for s, hs in order.values()
-    )
 
 
 class KVCompileLayer(CacheLayerMixin):
@@ -254,7 +229,7 @@ class KVCompileCache(Cache):
     Example
     -------
     >>> cache = plan.make_cache(model)                                       # doctest: +SKIP
-    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+    >>> out = model.generate(ids, cache=cache, max_new_tokens=32)  # doctest: +SKIP
     >>> cache.nbytes(), cache.layer_bytes()[0]                               # doctest: +SKIP
     """
 

@@ -25,7 +25,7 @@ Example (see ``examples/torchrun_smollm2.py``)
 >>> torch.distributed.init_process_group("gloo")                      # doctest: +SKIP
 >>> model = load_tp_model(model_dir)                                   # doctest: +SKIP
 >>> cache = make_rank_cache(plan, model)                                # doctest: +SKIP
->>> model.generate(ids, past_key_values=cache, max_new_tokens=8)       # doctest: +SKIP
+>>> model.generate(ids, cache=cache, max_new_tokens=8)       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ..plan import LayerPlan, Plan, PlanError, SiteRef
 from ..strategies import Store
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import KVCompileCache, KVCompileLayer
+from .interpreter import attach
 from .validate import check_plan
 
 
@@ -217,6 +218,8 @@ def make_rank_cache(
             ]
             if groups:
                 cache.layers[i] = HostTierLayer(layer, groups, pool, cast(TieredCache, cache))
+    if backend != "torch":
+        attach(cache)  # the shard's schedule, lowered once here (serving never lowers)
     return cache
 
 

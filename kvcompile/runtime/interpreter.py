@@ -16,7 +16,7 @@ Example
 -------
 >>> cache = make_cache(plan, model, backend="triton-interpret")       # doctest: +SKIP
 >>> interp = attach(cache, validate=True)                             # doctest: +SKIP
->>> model.generate(ids, past_key_values=cache, max_new_tokens=8)      # doctest: +SKIP
+>>> model.generate(ids, cache=cache, max_new_tokens=8)      # doctest: +SKIP
 >>> interp.errors                                                     # doctest: +SKIP
 {'attend_decode': 3.1e-07, 'flush_quant': 0.0}
 """
@@ -31,9 +31,18 @@ from typing import Any
 
 import torch
 
+from ..codegen import reference as ref
+from ..codegen.cache import load_kernel
+from ..codegen.decode_compact import decode_compact, decode_compact_scored, decode_fp8, decode_full
+from ..codegen.decode_mixed import GroupView, decode_mixed
+from ..codegen.decode_quant import decode_quant
+from ..codegen.keys import KernelKey
+from ..codegen.lower import load_plan_kernels, lower, lower_strategies
+from ..codegen.quant_append import quantize_append
+from ..codegen.schedule import Instr, Schedule
+from ..plan import PlanError
 from ..strategies._attn import leading_pads
 from .cpu_decode import cpu_attend, cpu_library
-from .schedule import Instr, Schedule
 
 KERNEL_BACKENDS = ("torch", "cpu", "triton-interpret", "triton")
 
@@ -95,8 +104,6 @@ class Interpreter:
         if uri is None or uri not in self.schedule.kernels:
             raise ValueError(f"kernel_uri={uri!r} is not a kernel of this schedule")
         if uri not in self._kernels:
-            from ..codegen.cache import load_kernel
-            from ..codegen.keys import KernelKey
 
             self._kernels[uri] = load_kernel(KernelKey.from_json(dict(self.schedule.kernels[uri])))
         return self._kernels[uri]
@@ -150,7 +157,6 @@ def _flush_quant(ctx: Ctx, instr: Instr) -> None:
     if ctx.interp.backend in ("torch", "cpu"):
         new = buf.quantize_ref(f)
     else:
-        from ..codegen.quant_append import quantize_append  # triton: imported only by kernel backends
 
         s = buf.s
         kx, vx = buf.k_res[:, :, :f], buf.v_res[:, :, :f]
@@ -165,7 +171,6 @@ def _flush_quant(ctx: Ctx, instr: Instr) -> None:
 
 
 def _group_view(store, strategy, kv_heads, k_new, v_new):
-    from ..codegen.decode_mixed import GroupView
 
     fmt = strategy.kernel_format()
     if fmt == "quant":
@@ -192,7 +197,6 @@ def _dense(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _ref_view(q, view, lead, scale):
-    from ..codegen import reference as ref
 
     t = view.tensors
     kw = dict(scale=scale, lead=lead)
@@ -220,13 +224,10 @@ def _layer_lead(stores) -> torch.Tensor | None:
 
 def _attend_decode(ctx: Ctx, instr: Instr) -> None:
     """All kernel-served groups of the layer in one launch (uniform kernel, or the mixed one)."""
-    from ..codegen.decode_compact import decode_compact, decode_fp8, decode_full
-    from ..codegen.decode_mixed import decode_mixed
-    from ..codegen.decode_quant import decode_quant
 
     layer, G = ctx.layer, ctx.layer.gqa
     served = instr.arg("groups")
-    if ctx.interp.backend == "cpu":  # the C kernels serve one head group per call
+    if ctx.interp.backend in ("torch", "cpu"):  # store references / C kernels: one head group per call
         for gi in served:
             _attend_ref(ctx, dataclasses.replace(instr, op="attend_ref", group=gi))
         return
@@ -279,14 +280,12 @@ def _attend_decode(ctx: Ctx, instr: Instr) -> None:
 def _attend_scored(ctx: Ctx, instr: Instr) -> None:
     """An H2O group: decode attention over its compacted keys that also returns each key's attention
     mass, handed to the store (``observe``) for its next eviction."""
-    from ..codegen import reference as ref
-    from ..codegen.decode_compact import decode_compact_scored
 
     q, k, v, qi = ctx.heads(instr.group)
     store = ctx.layer.stores[instr.group]
     t = _dense(store.tensors())
     args = (q, t["k"], t["v"], t["pos"])
-    if ctx.interp.backend == "torch":
+    if ctx.interp.backend in ("torch", "cpu"):
         out, mass = ref.decode_compact_scored(*args, scale=ctx.scale, k_new=k, v_new=v)
     else:
         kernels = ctx.interp.kernel(instr.kernel_uri)
@@ -309,7 +308,7 @@ HANDLERS: dict[str, Callable[[Ctx, Instr], None]] = {
     "attend_decode": _attend_decode,
 }
 
-# layer -> (interpreter, layer index in its schedule); filled by attach() or lazily by run_layer()
+# layer -> (interpreter, layer index in its schedule); filled by attach() (make_cache calls it)
 _ATTACHED: weakref.WeakKeyDictionary[Any, tuple[Interpreter, int]] = weakref.WeakKeyDictionary()
 
 
@@ -331,8 +330,6 @@ def attach(
     (``codegen.lower.load_plan_kernels``; a mismatch raises ``KernelSourceError``), so serving runs
     exactly what was compiled. ``kernels`` (uri -> (entry, reduce)) overrides individual kernels.
     """
-    from ..codegen.lower import load_plan_kernels, lower, lower_strategies
-    from ..plan import PlanError
 
     layers = list(cache.layers)
     rows = [_layer_strategies(la) for la in layers]
@@ -342,7 +339,7 @@ def attach(
         sched = lower(plan)
         if plan.schedule is not None and Schedule.from_json(plan.schedule, sched.kernels) != sched:
             raise PlanError("attach: the plan's schedule does not match its layers (stale or edited)")
-        if (backend or cache.backend) != "cpu":  # the cpu backend runs C kernels, not the plan's Triton
+        if (backend or cache.backend) not in ("torch", "cpu"):  # those run references / C kernels, no Triton
             kernels = {**load_plan_kernels(plan), **(kernels or {})}
     else:
         sched = lower_strategies(rows, head_dim=layers[0].head_dim, gqa=layers[0].gqa, dtype="float32")
@@ -358,11 +355,12 @@ def is_attached(layer: Any) -> bool:
 
 
 def run_layer(layer: Any, q, k, v, valid, scale) -> torch.Tensor:
-    """Entry point from the runtime's attention function for kernel backends."""
+    """Entry point from the runtime's attention function: the layer's schedule, attached once by
+    ``make_cache`` (or :func:`attach`); serving never lowers a plan."""
     if layer not in _ATTACHED:
-        from ..codegen.lower import lower_strategies
-
-        sched = lower_strategies([_layer_strategies(layer)], head_dim=layer.head_dim, gqa=layer.gqa)
-        _ATTACHED[layer] = (Interpreter(sched, layer.backend), 0)
+        raise RuntimeError(
+            f"layer {layer.layer_idx}: backend {layer.backend!r} runs a schedule; build the cache with "
+            "make_cache(plan, model) or call attach(cache) first"
+        )
     interp, idx = _ATTACHED[layer]
     return interp.run(layer, idx, q, k, v, valid, scale)
