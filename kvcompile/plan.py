@@ -62,7 +62,9 @@ class SettingsError(ValueError):
     """A compile / inspect setting (context, batch, budgets, tolerance, objective ...) is out of range."""
 
 
-_STRICT = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+# ser_json_inf_nan="constants": a NaN that slipped in (model_copy does not validate) stays NaN in the
+# dump, so compute_hash (allow_nan=False) refuses it instead of hashing it as null
+_STRICT = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, ser_json_inf_nan="constants")
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 
 
@@ -114,6 +116,27 @@ class ModelRef(BaseModel):
     sites: list[SiteRef] = Field(min_length=1, max_length=MAX_LAYERS)
 
 
+class PlannerOptions(BaseModel):
+    """Planner settings that change the plan (passes/README.md; read by passes via ``PassContext.opt``)."""
+
+    model_config = _STRICT
+    candidates: Literal["planner", "library"] | list[dict[str, Any]] | None = None
+    damage: Literal["calibration", "priors"] = "calibration"
+    kv_dtype: FloatDtype | None = None  # account the cache in this dtype (None: the model's)
+    verify: bool = True
+    verify_tokens: int = Field(1024, ge=128, le=MAX_CONTEXT)
+    verify_samples: int | None = Field(default=None, ge=1, le=64)
+    verify_iterations: int = Field(3, ge=0, le=16)
+    solver_seed: int = Field(0, ge=0, le=1 << 31)
+    solver_workers: int = Field(1, ge=1, le=256)
+    solver_time_limit_s: float = Field(20.0, gt=0, le=3600)
+    max_kernels_per_layer: int | None = Field(default=None, ge=1, le=64)
+    budget: Literal["fit"] | None = None
+    max_batch: int | None = Field(default=None, ge=1, le=MAX_BATCH)
+    allow_host: bool | None = None
+    host_memory_bytes: int | None = Field(default=None, gt=0, le=1 << 60)
+
+
 class PlanConfig(BaseModel):
     """What the user asked for. Later issues add fields; unknown keys are rejected. Every number is
     bounded (a bad setting is a :class:`SettingsError` at compile time and a PlanError on load)."""
@@ -128,6 +151,7 @@ class PlanConfig(BaseModel):
     objective: Objective = "min-damage"
     calibration: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] | None = None
     reference_dtype: FloatDtype = "bfloat16"
+    planner: PlannerOptions = Field(default_factory=PlannerOptions)
 
 
 class TargetRef(BaseModel):
