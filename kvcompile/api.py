@@ -26,7 +26,7 @@ from .capture import capture
 from .ir import Program
 from .models import Loaded, load
 from .passes import PassContext, run_pipeline
-from .plan import LayerPlan, ModelRef, Plan, PlanConfig, SettingsError, SiteRef, TargetRef
+from .plan import LayerPlan, ModelRef, Plan, PlanConfig, PlannerOptions, SettingsError, SiteRef, TargetRef
 from .targets import Target, load_target
 
 # Program.facts keys copied verbatim into the Plan field of the same name.
@@ -107,6 +107,15 @@ def optimize(
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"]))
         raise SettingsError(f"{where}={first.get('input')!r}: {first['msg']}") from None
+    planner_keys = set(PlannerOptions.model_fields) & set(options)
+    if planner_keys:  # plan-changing options become typed, hashed fields of the config
+        try:
+            planner = PlannerOptions(**{k: options.pop(k) for k in sorted(planner_keys)})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise SettingsError(f"{where}={first.get('input')!r}: {first['msg']}") from None
+        config = config.model_copy(update={"planner": planner})
     if kv_budget is not None and not 0 < kv_budget <= 1:
         raise SettingsError(f"kv_budget={kv_budget!r} must be a fraction in (0, 1]")
     if kv_budget_bytes is not None and kv_budget_bytes <= 0:
@@ -117,12 +126,11 @@ def optimize(
         loaded = Loaded(loaded.model, tokenizer, loaded.name)
     elif loaded.tokenizer is None:
         loaded = Loaded(loaded.model, find_tokenizer(loaded.model), loaded.name)
-    _check_damage_source(loaded, config, options)
+    _check_damage_source(loaded, config)
     say(f"model {loaded.name}")
     program = capture(loaded.model, name=loaded.name)
-    kv_dtype = options.pop("kv_dtype", None)
-    if kv_dtype is not None:
-        program = _store_dtype(program, kv_dtype)
+    if config.planner.kv_dtype is not None:
+        program = _store_dtype(program, config.planner.kv_dtype)
     say(f"captured {program.num_layers} attention sites ({program.model.arch}, {program.model.dtype})")
     ctx = PassContext(
         target=tgt,
@@ -272,13 +280,11 @@ def find_tokenizer(model: torch.nn.Module) -> Any | None:
     return None
 
 
-def _check_damage_source(loaded: Loaded, config: PlanConfig, options: dict[str, Any]) -> None:
+def _check_damage_source(loaded: Loaded, config: PlanConfig) -> None:
     """A budget on a real-weights model needs measured damage, hence a tokenizer; never fall back silently."""
     from .passes.candidates import needs_solve
 
-    damage = options.get("damage")
-    if damage not in (None, "priors", "calibration"):
-        raise SettingsError(f"damage={damage!r} must be 'calibration' (default) or 'priors'")
+    damage = config.planner.damage
     on_meta = any(p.is_meta for p in loaded.model.parameters())
     if on_meta or damage == "priors" or not needs_solve(config) or loaded.tokenizer is not None:
         return

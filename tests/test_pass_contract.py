@@ -75,3 +75,16 @@ def test_verify_checks_fact_keys_types_and_shapes():
     with pytest.raises(IRError, match="source"):
         verify(prog.with_facts(damage=dataclasses.replace(ok, source="guess")))
     assert dict(ok.items())["source"] == "priors" and ok["layer_weight"] == [1.0, 1.0]
+
+
+def test_plan_changing_options_are_typed_hashed_config_fields():
+    from kvcompile.api import optimize
+
+    kw = dict(context=2048, kv_budget=0.25, progress=False)
+    a = optimize("llama-3-8b", **kw)
+    b = optimize("llama-3-8b", **kw, max_kernels_per_layer=1, solver_seed=3)
+    assert a.config.planner.max_kernels_per_layer is None and b.config.planner.max_kernels_per_layer == 1
+    assert b.config.planner.solver_seed == 3 and a.content_hash != b.content_hash
+    assert '"max_kernels_per_layer": 1' in b.to_json()
+    with pytest.raises(ValueError, match=r"verify_tokens=5"):
+        optimize("llama-3-8b", **kw, verify_tokens=5)

@@ -402,7 +402,7 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
     notes = list(program.facts.get("notes", ()))
     model = ctx.model
     real = model is not None and not program.model.on_meta and ctx.tokenizer is not None
-    if not real or ctx.options.get("damage") == "priors":
+    if not real or ctx.opt("damage") == "priors":
         weights = prior_layer_weights(program.num_layers)
         values = [
             [[weights[s.layer] * prior_damage(c, context, s.head_dim) for c in cands]

@@ -70,6 +70,7 @@ def candidate_grid(context: int, options: dict[str, Any]) -> list[Strategy]:
     """``options["candidates"]`` (spec dicts, or ``"library"`` for every default instance) or
     :func:`planner_grid`."""
     chosen = options.get("candidates")
+    chosen = None if chosen == "planner" else chosen
     if chosen == "library":
         return [Full(), *default_instances(context)]
     if chosen:
@@ -92,7 +93,8 @@ def assign_candidates(program: Program, ctx: PassContext) -> Program:
     grid: list[Strategy] = []
     seen: set[str] = set()
     engine = ctx.options.get("engine")  # a serving engine's own settings only (kvcompile/engines)
-    source = _engine_grid(engine, context, ctx.target) if engine else candidate_grid(context, ctx.options)
+    source = _engine_grid(engine, context, ctx.target) if engine else candidate_grid(
+        context, {"candidates": ctx.opt("candidates")})
     for s in source:
         key = json.dumps(s.to_spec(), sort_keys=True)
         if key not in seen and target_allows(s, ctx.target):

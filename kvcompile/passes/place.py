@@ -126,7 +126,8 @@ def place_kv(program: Program, ctx: PassContext) -> Program:
     asked = objective in OBJECTIVES
     objective = objective if asked else "max-throughput"
     _, ffn_source = intermediate_size(program, ctx.model)
-    options = {k: v for k, v in ctx.options.items() if k in ("max_batch", "allow_host", "host_memory_bytes")}
+    keys = ("max_batch", "allow_host", "host_memory_bytes")
+    options = {k: ctx.opt(k) for k in keys if ctx.opt(k) is not None}
     problem = problem_for(
         program, ctx.target, context=ctx.config.context, batch=ctx.config.batch, objective=objective,
         model=ctx.model, **options,

@@ -33,7 +33,7 @@ def budget_bytes(program: Program, ctx: PassContext) -> tuple[int, str]:
         if cfg.kv_budget_bytes <= 0:
             raise ValueError(f"kv_budget_bytes={cfg.kv_budget_bytes} must be > 0")
         found.append((cfg.kv_budget_bytes // cfg.batch, f"{cfg.kv_budget_bytes} bytes for batch {cfg.batch}"))
-    if ctx.options.get("budget") == "fit":
+    if ctx.opt("budget") == "fit":
         free = ctx.target.memory_bytes * ctx.target.gpus - program.model.param_bytes
         found.append((max(0, free) // cfg.batch, f"fit batch {cfg.batch} on {ctx.target.spec} after weights"))
     if not found:
@@ -71,10 +71,10 @@ def build_problem(program: Program, ctx: PassContext, damage: list[list[list[flo
         options=tuple(layers),
         budget_bytes=budget_bytes(program, ctx)[0],
         latency_budget=latency,
-        max_kernels_per_layer=ctx.options.get("max_kernels_per_layer"),
-        time_limit_s=float(ctx.options.get("solver_time_limit_s", 20.0)),
-        seed=int(ctx.options.get("solver_seed", 0)),
-        workers=int(ctx.options.get("solver_workers", 1)),
+        max_kernels_per_layer=ctx.opt("max_kernels_per_layer"),
+        time_limit_s=float(ctx.opt("solver_time_limit_s", 20.0)),
+        seed=int(ctx.opt("solver_seed", 0)),
+        workers=int(ctx.opt("solver_workers", 1)),
     )
 
 

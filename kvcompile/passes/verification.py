@@ -147,12 +147,12 @@ def verify_plan(program: Program, ctx: PassContext) -> Program:
 
     if "solve" not in program.facts or ctx.model is None or ctx.tokenizer is None or program.model.on_meta:
         return program
-    if not ctx.options.get("verify", True):
+    if not ctx.opt("verify", True):
         return program
     cset = load_set(ctx.config.calibration)
     context = ctx.config.context
-    n = min(context, int(ctx.options.get("verify_tokens", 1024)))
-    held = cset.heldout[: int(ctx.options.get("verify_samples", len(cset.heldout)))]
+    n = min(context, int(ctx.opt("verify_tokens", 1024)))
+    held = cset.heldout[: int(ctx.opt("verify_samples", len(cset.heldout)))]
     samples = [make_sample(ctx.tokenizer, item["kind"], cset.heldout_split, n, int(item["seed"])) for item in held]
     notes = list(program.facts.get("notes", ()))
     if n < context:
@@ -172,7 +172,7 @@ def verify_plan(program: Program, ctx: PassContext) -> Program:
 
     best, best_m = program, run(program)
     history = [best_m]
-    rounds = int(ctx.options.get("verify_iterations", 3)) if tol is not None else 0
+    rounds = int(ctx.opt("verify_iterations", 3)) if tol is not None else 0
     current = program
     for _ in range(rounds):
         if passes_tolerance(best_m, tol):
