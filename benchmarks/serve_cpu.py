@@ -99,6 +99,7 @@ def run_engine(config: str, length: int, n: int) -> dict[str, Any]:
 def run_emulation(config: str, length: int, n: int) -> dict[str, Any]:
     """The same samples through kvcompile's own emulation of the plan (transformers fp32 model + the plan's
     ``paged`` stores, question-agnostic ``suite.run_sample``): what the plan predicts vLLM will measure."""
+    import kvcompile.runtime  # noqa: F401  (plan.make_cache needs the runtime loaded)
     from kvcompile.eval import suite
     from kvcompile.models import load
     from kvcompile.plan import load as load_plan
