@@ -42,8 +42,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -280,11 +278,10 @@ def calibration_key(fingerprint: str, digest: str, specs: list[dict[str, Any]]) 
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from .._io import write_atomic  # readers see the old entry or the whole new one; stale temps swept
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data))
 
 
 def run_calibration(
@@ -308,7 +305,7 @@ def run_calibration(
     if cache and path.is_file():
         try:
             data = json.loads(path.read_text())
-            if data.get("key") == key:
+            if isinstance(data, dict) and data.get("key") == key:
                 data["cache_hit"] = True
                 return data
         except (OSError, json.JSONDecodeError):

@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -75,11 +73,10 @@ def _disk_cached(ctx: PassContext, body: dict[str, Any], compute: Callable[[], A
             pass
     out = compute()
     if use:
+        from .._io import write_atomic  # readers see the old entry or the whole new one
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(out))
     return out
 
 
