@@ -61,8 +61,13 @@ class Instr:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Instr:
-        args = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(d.get("args", {})).items())
-        return cls(d["op"], d["phase"], d["layer"], d["group"], d.get("kernel_uri"), args)
+        """One ``Plan.schedule`` row; a malformed row is a ``ValueError`` (loaded plans were already
+        compared with the lowering by ``kvcompile.load``; this guards plans built in memory)."""
+        try:
+            args = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(d.get("args", {})).items())
+            return cls(d["op"], d["phase"], d["layer"], d["group"], d.get("kernel_uri"), args)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed schedule row {str(d)[:80]}: {type(e).__name__}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
