@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screen", type=int, default=4, help="samples per family when screening baselines")
     ap.add_argument("--shard", default="0/1")
     ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--compile-only", action="store_true", help="compile the planner's plans and exit")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip planner cells until a --compile-only process has written their plan")
     ap.add_argument("--deadline", default="", help="HH:MM UTC: stop starting new units after this")
     args = ap.parse_args(argv)
     if args.merge:
@@ -271,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvcompile import optimize
     from kvcompile.eval.suite import make_sample, run_sample
     from kvcompile.models import load
+    from kvcompile.plan import PlanError
     from kvcompile.plan import load as load_plan
     from kvcompile.runtime import make_cache, uniform_plan
 
@@ -293,9 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         elif m == "planner":
             f = RES / f"planner_frontier_{ctx}_{b}.kvplan"
             t0 = time.perf_counter()
+            p = None
             if f.is_file():
-                p = load_plan(f)
-            else:
+                try:
+                    p = load_plan(f)
+                except PlanError as e:  # stale against the current code: compile again
+                    print(f"stale plan {f.name}: {e}", flush=True)
+            if p is None and args.no_compile:
+                return None, {"skip": True, "retry": True}  # the --compile-only process will write it
+            if p is None:
                 p = optimize(loaded, target="h100", context=ctx, kv_budget=b, verify=False, progress=True,
                              kv_dtype="bfloat16")
                 p.save(f)
@@ -312,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                 extra["kv_ratio_bf16_exact"] = s.bytes_for(ctx, HEAD_DIM, BF16) / (2 * ctx * HEAD_DIM * BF16)
         plans[(ctx, b, m)] = (p, extra)
         return plans[(ctx, b, m)]
+
+    if args.compile_only:
+        for ctx in (1024, 2048, 4096):
+            for b in map(float, args.budgets.split(",")):
+                plan_for(ctx, b, "planner")
+        return 0
 
     def save():
         tmp = path.with_suffix(".tmp")
