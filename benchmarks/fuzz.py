@@ -10,7 +10,9 @@ placement). Each variant is one mutation of a base file:
   Infinity / a huge or negative number / a deep nest, delete or add a key, drop / duplicate a list
   item, edit a string, inject a kernel source that writes a marker file), content hash left as is;
 * ``json_rehash`` — the same edits with the content hash recomputed the way anyone can (SHA-256 of
-  the canonical JSON), so only the semantic checks stand between the edit and the runtime.
+  the canonical JSON), so only the semantic checks stand between the edit and the runtime; 30 % of
+  them are *semantic* edits (one head's strategy, the model's fingerprint / dtype / meta flag, the
+  context) with every derived field recomputed as an honest recompile would (:func:`semantic_edit`).
 
 Every variant runs ``load`` -> ``render_inspect`` -> (if it loads) an independent consistency oracle
 -> ``make_cache`` on a model of the plan's geometry (the real SmolLM2, or the 70B meta model) and, for
@@ -173,6 +175,62 @@ def mutate_json(rng: random.Random, raw: dict[str, Any], marker: str) -> dict[st
     return raw
 
 
+def rederive(plan: Any) -> Any:
+    """What an honest recompile would write after an edit of the layers / model / config: the exact
+    ``predicted`` byte values, and the schedule and kernel records when the plan carries them."""
+    from kvcompile.codegen.lower import with_codegen
+
+    cfg, t, pr = plan.config, plan.target, dict(plan.predicted)
+    kv = plan.predicted_kv_bytes(cfg.context, cfg.batch)
+    full_bf16 = plan.full_kv_bytes(cfg.context, cfg.batch, dtype="bfloat16")
+    exact = {
+        "kv_bytes_at_context": kv, "kv_bytes_per_seq": plan.predicted_kv_bytes(cfg.context, 1),
+        "kv_bytes_total": kv, "kv_bytes": plan.predicted_kv_bytes(cfg.context, 1),
+        "full_kv_bytes": plan.full_kv_bytes(cfg.context, 1),
+        "full_kv_bytes_at_context": plan.full_kv_bytes(cfg.context, cfg.batch),
+        "full_bf16_kv_bytes_at_context": full_bf16, "full_kv_bytes_per_token": plan.full_kv_bytes(1, 1),
+        "full_bf16_kv_bytes_per_token": plan.full_kv_bytes(1, 1, dtype="bfloat16"),
+        "kv_bytes_per_token": kv / (cfg.context * cfg.batch), "kv_ratio_vs_full_bf16": kv / full_bf16,
+        "memory_capacity_bytes": t.memory_bytes * t.gpus, "context": cfg.context, "batch": cfg.batch,
+    }  # fmt: skip
+    pr.update({k: v for k, v in exact.items() if k in pr})
+    plan = plan.model_copy(update={"predicted": pr})
+    if plan.schedule is not None or plan.kernels is not None:
+        plan = with_codegen(plan)
+    return plan.sealed()
+
+
+def semantic_edit(rng: random.Random, raw: dict[str, Any]) -> dict[str, Any]:
+    """A meaningful edit made the way a careful attacker (or another tool) would: one head's strategy,
+    the model's fingerprint / dtype / meta flag, or the context, with every derived field recomputed."""
+    from kvcompile.plan import LayerPlan, Plan
+    from kvcompile.strategies import default_instances
+
+    plan = Plan.model_validate(raw)
+    op = rng.choice(["spec", "spec", "spec", "spec", "fingerprint", "on_meta", "dtype", "context"])
+    if op == "spec":
+        layer = rng.randrange(len(plan.layers))
+        heads = [dict(h) for h in plan.layers[layer].heads]
+        heads[rng.randrange(len(heads))] = rng.choice(default_instances(plan.config.context)).to_spec()
+        layers = list(plan.layers)
+        layers[layer] = LayerPlan(layer=layer, heads=heads)
+        plan = plan.model_copy(update={"layers": layers})
+    elif op in ("fingerprint", "on_meta", "dtype"):
+        change = {
+            "fingerprint": {"fingerprint": f"{rng.getrandbits(80):020x}"},
+            "on_meta": {"on_meta": not plan.model.on_meta},
+            "dtype": {"dtype": rng.choice([d for d in ("float32", "bfloat16", "float16") if d != plan.model.dtype])},
+        }[op]
+        plan = plan.model_copy(update={"model": plan.model.model_copy(update=change)})
+    else:
+        context = rng.choice([plan.config.context * 2, plan.config.context // 2 + 1])
+        plan = plan.model_copy(update={"config": plan.config.model_copy(update={"context": context})})
+    try:
+        return json.loads(rederive(plan).to_json())
+    except ValueError:  # e.g. a strategy that does not fit the new context: leave the bare edit
+        return json.loads(plan.model_copy(update={"content_hash": ""}).model_dump_json())
+
+
 def mutate(rng: random.Random, kind: str, text: str, raw: dict[str, Any], marker: str) -> bytes:
     data = text.encode()
     if kind == "bitflip":
@@ -186,6 +244,8 @@ def mutate(rng: random.Random, kind: str, text: str, raw: dict[str, Any], marker
     if kind == "insert":
         i = rng.randrange(len(data) + 1)
         return data[:i] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 16))) + data[i:]
+    if kind == "json_rehash" and rng.random() < 0.3:
+        return json.dumps(semantic_edit(rng, raw)).encode()
     edited = mutate_json(rng, raw, marker)
     if kind == "json_rehash":
         with contextlib.suppress(TypeError, ValueError):  # non-string keys have no canonical form
