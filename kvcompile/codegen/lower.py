@@ -130,7 +130,8 @@ def with_codegen(plan: Plan) -> Plan:
 
 
 def load_plan_kernels(plan: Plan) -> dict[str, tuple[Any, Any]]:
-    """Import every kernel source a plan carries, refusing any whose hash does not match.
+    """The kernels of every record a plan carries, each rendered from its key by this kvcompile; the
+    record's source and hash are only compared with that rendering (a plan's text never runs).
 
     Returns ``uri -> (entry, reduce)`` jit functions. Raises :class:`KernelSourceError` (a PlanError).
     """
