@@ -124,12 +124,12 @@ class PlannerOptions(BaseModel):
     damage: Literal["calibration", "priors"] = "calibration"
     kv_dtype: FloatDtype | None = None  # account the cache in this dtype (None: the model's)
     verify: bool = True
-    verify_tokens: int = Field(1024, ge=128, le=MAX_CONTEXT)
+    verify_tokens: int = Field(default=1024, ge=128, le=MAX_CONTEXT)
     verify_samples: int | None = Field(default=None, ge=1, le=64)
-    verify_iterations: int = Field(3, ge=0, le=16)
-    solver_seed: int = Field(0, ge=0, le=1 << 31)
-    solver_workers: int = Field(1, ge=1, le=256)
-    solver_time_limit_s: float = Field(20.0, gt=0, le=3600)
+    verify_iterations: int = Field(default=3, ge=0, le=16)
+    solver_seed: int = Field(default=0, ge=0, le=1 << 31)
+    solver_workers: int = Field(default=1, ge=1, le=256)
+    solver_time_limit_s: float = Field(default=20.0, gt=0, le=3600)
     max_kernels_per_layer: int | None = Field(default=None, ge=1, le=64)
     budget: Literal["fit"] | None = None
     max_batch: int | None = Field(default=None, ge=1, le=MAX_BATCH)
@@ -142,8 +142,8 @@ class PlanConfig(BaseModel):
     bounded (a bad setting is a :class:`SettingsError` at compile time and a PlanError on load)."""
 
     model_config = _STRICT
-    context: int = Field(4096, gt=0, le=MAX_CONTEXT)
-    batch: int = Field(1, gt=0, le=MAX_BATCH)
+    context: int = Field(default=4096, gt=0, le=MAX_CONTEXT)
+    batch: int = Field(default=1, gt=0, le=MAX_BATCH)
     kv_budget: float | None = Field(default=None, gt=0, le=1, description="fraction of full bf16 KV bytes, or None")
     kv_budget_bytes: int | None = Field(default=None, gt=0, le=1 << 60)
     latency_budget_s: float | None = Field(default=None, gt=0, le=3600)
@@ -157,7 +157,7 @@ class PlanConfig(BaseModel):
 class TargetRef(BaseModel):
     model_config = _STRICT
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-    gpus: int = Field(1, ge=1, le=MAX_GPUS)
+    gpus: int = Field(default=1, ge=1, le=MAX_GPUS)
     memory_bytes: int = Field(gt=0, le=1 << 50)
     memory_bandwidth: float = Field(gt=0, le=1e16)
 
@@ -413,14 +413,14 @@ class _PlacementView(_Lenient):
 
     tp: int = Field(ge=1, le=MAX_GPUS)
     gpus: int = Field(ge=1, le=MAX_GPUS)
-    replicas: int = Field(1, ge=1, le=MAX_GPUS)
+    replicas: int = Field(default=1, ge=1, le=MAX_GPUS)
     context: int = Field(ge=1, le=MAX_CONTEXT)
     batch: int = Field(ge=0, le=MAX_BATCH)
     objective: Annotated[str, Field(max_length=64)]
     target: Annotated[str, Field(max_length=128)]
     kv_copies: int = Field(ge=0, le=MAX_HEADS * MAX_GPUS)
     tokens_per_s: float = Field(ge=0)
-    node_tokens_per_s: float = Field(0.0, ge=0)
+    node_tokens_per_s: float = Field(default=0.0, ge=0)
     step_time_s: float = Field(ge=0)
     time_breakdown_s: dict[Annotated[str, Field(max_length=64)], float] = Field(default_factory=dict, max_length=64)
     per_gpu: _PerGpu
