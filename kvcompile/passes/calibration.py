@@ -50,6 +50,7 @@ import torch
 
 from ..ir import Damage, Program
 from ..strategies import Full, Strategy, from_spec, reference_attention
+from ..strategies._select import SelectStore
 from .calibration_set import CalibrationSample, build_sample, load_set
 from .context import PassContext, contract
 
@@ -116,10 +117,11 @@ def probing(model: Any, probe: _Probe):
 # ---- damage of one candidate on one layer ------------------------------------------------------
 def head_errors(
     strategy: Strategy, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float,
-    ref: torch.Tensor | None = None, absolute: bool = False,
+    ref: torch.Tensor | None = None, absolute: bool = False, memo: dict[Any, Any] | None = None,
 ) -> torch.Tensor:
     """Relative squared attention-output error per KV head, ``[Hk]`` (module docstring); with
-    ``absolute=True`` the squared error per query head and observation position, ``[Hq, t]``.
+    ``absolute=True`` the squared error per query head and observation position, ``[Hq, t]``. ``memo``:
+    a dict shared by the calls of one layer (same q, k, v) to reuse observed attention mass.
 
     q: [1, Hq, N, D]; k, v: [1, Hk, N, D]; the first ``context_len`` tokens go through the store.
     """
@@ -133,7 +135,15 @@ def head_errors(
     c = slice(0, context_len)
     valid_c = torch.ones(1, context_len, dtype=torch.bool, device=q.device)
     if observes(strategy):  # the context's own attention output is not needed, only what the store sees
-        store.attend(q[:, :, c], k[:, :, c], v[:, :, c], valid_c, scale)
+        # plain selections observe a mass that depends only on (observe, obs_window): computed once per
+        # layer (``memo``) and handed to the next store of the same kind (tests/test_calibrate.py)
+        key = (strategy.observe, getattr(strategy, "obs_window", None)) if isinstance(store, SelectStore) else None
+        if memo is not None and key in memo:
+            store._mass = memo[key]
+        else:
+            store.attend(q[:, :, c], k[:, :, c], v[:, :, c], valid_c, scale)
+            if memo is not None and key is not None:
+                memo[key] = store._mass
     store.append(k[:, :, c], v[:, :, c], q[:, :, c], valid_c)
     o = slice(context_len, n)
     valid_o = torch.ones(1, t, dtype=torch.bool, device=q.device)
@@ -228,13 +238,15 @@ def _run_sample(
     ids = torch.tensor([sample.ids], dtype=torch.long)
     ctx_len, n = sample.context_len, len(sample.ids)
     zips = [c for c in cands if isinstance(c, KVzip)]
-    # KVzip's context-reconstruction scores (one extra pass over the context), injected per layer below
-    zscores = reconstruction_scores(model, ids[:, :ctx_len], chunk=min(c.chunk for c in zips)) if zips else None
+    zscores = None
     cache = DynamicCache(config=model.config)
     probe = _Probe(record={})
     with probing(model, probe):
         with torch.no_grad():
             model(ids[:, :ctx_len], past_key_values=cache, use_cache=True)
+            if zips:  # KVzip's reconstruction scores re-read the context on top of this very cache
+                zscores = reconstruction_scores(model, ids[:, :ctx_len], chunk=min(c.chunk for c in zips),
+                                                cache=cache)
         probe.outs = {}
         with torch.enable_grad():
             logits = model(ids[:, ctx_len:], past_key_values=cache, use_cache=True).logits[0].float()
@@ -258,12 +270,13 @@ def _run_sample(
             w = g2[layer]  # [Hq, t]: ||dLoss/d o||^2 per query head and position
             sens.append(float((w * ref[0].float().pow(2).sum(-1)).sum() / d))
             per_cand = []
+            memo: dict[Any, Any] = {}
             for s in cands:
                 if lossless(s, dtype):
                     per_cand.append(torch.zeros(hk))
                     continue
                 with injected_scores(zscores[layer] if zscores is not None and isinstance(s, KVzip) else None):
-                    sq = head_errors(s, q, k, v, ctx_len, scale, ref, absolute=True)  # [Hq, t]
+                    sq = head_errors(s, q, k, v, ctx_len, scale, ref, absolute=True, memo=memo)  # [Hq, t]
                 # E[dNLL] ~ 1/2 * sum_t ||g_t||^2 ||delta_t||^2 / D  (diagonal empirical Fisher)
                 per_cand.append((0.5 * w * sq / d).view(hk, hq // hk, t).sum((1, 2)))
             damage.append(torch.stack(per_cand, dim=1).tolist())  # [Hk][C]

@@ -145,9 +145,10 @@ def _register() -> None:
 
 
 @torch.no_grad()
-def reconstruction_scores(model: Any, ids: torch.Tensor, chunk: int = 512) -> list[torch.Tensor]:
+def reconstruction_scores(model: Any, ids: torch.Tensor, chunk: int = 512, cache: Any = None) -> list[torch.Tensor]:
     """Per layer ``[1, Hk, N]``: the largest attention each of the ``N`` context tokens ``ids`` [1, N]
-    receives from the queries re-reading the context (module docstring)."""
+    receives from the queries re-reading the context (module docstring). ``cache``: a transformers cache
+    that already holds exactly the context (its prefill is then skipped; it is cropped back after use)."""
     from transformers import DynamicCache
 
     from .._compat import cache_kw
@@ -155,14 +156,18 @@ def reconstruction_scores(model: Any, ids: torch.Tensor, chunk: int = 512) -> li
     if ids.shape[0] != 1:
         raise ValueError("kvzip scoring runs one sequence at a time")
     n = ids.shape[1]
-    cache = DynamicCache(config=model.config)
+    prefilled = cache is not None
+    cache = cache if prefilled else DynamicCache(config=model.config)
+    if prefilled and cache.get_seq_length() != n:
+        raise ValueError(f"kvzip: the given cache holds {cache.get_seq_length()} tokens, the context {n}")
     _register()
     previous = model.config._attn_implementation
     col: dict[str, Any] = {"n": n, "active": False, "scores": {}}
     token = _COLLECT.set(col)
     model.set_attn_implementation(ATTN_NAME)
     try:
-        model(ids, use_cache=True, logits_to_keep=1, **cache_kw(cache))
+        if not prefilled:
+            model(ids, use_cache=True, logits_to_keep=1, **cache_kw(cache))
         col["active"] = True
         for a in range(0, n, chunk):
             model(ids[:, a: a + chunk], use_cache=True, logits_to_keep=1, **cache_kw(cache))
