@@ -37,6 +37,24 @@ def _windowed_reference(q, k, v, window, scale):
     return torch.einsum("bhtn,bhnd->bhtd", p, v.float())
 
 
+def _e4m3_toward_zero(x):
+    """The e4m3 value nearest to x with |value| <= |x| (saturating at 448), by search over every code."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()
+    a = x.abs().clamp(max=448)
+    idx = torch.searchsorted(grid, a.flatten(), right=True) - 1
+    return torch.sign(x) * grid[idx].view_as(x)
+
+
+def test_fp8_encoding_rounds_toward_zero_on_the_e4m3_grid():
+    from kvcompile.strategies.paged import e4m3_truncate
+
+    x = torch.randn(4096) * torch.logspace(-4, 3, 4096)
+    x = torch.cat([x, torch.tensor([448.0, 500.0, -1e4, 2.0**-9, 2.0**-10, 0.0, 1.0 + 2.0**-4])])
+    torch.testing.assert_close(e4m3_truncate(x), _e4m3_toward_zero(x), atol=0, rtol=0)
+    assert torch.equal(e4m3_truncate(x).to(torch.float8_e4m3fn).float(), e4m3_truncate(x))
+
+
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "fp8_e4m3"])
 def test_paged_store_window_and_format_match_the_engine_semantics(kv_dtype):
     torch.manual_seed(0)
@@ -48,7 +66,7 @@ def test_paged_store_window_and_format_match_the_engine_semantics(kv_dtype):
     q = torch.randn(B, H, n_pre + n_dec, D)
     # the engine writes every token before attending: the reference sees the stored format everywhere
     if kv_dtype == "fp8_e4m3":
-        kq, vq = (x.clamp(-448, 448).to(torch.float8_e4m3fn).float() for x in (k, v))
+        kq, vq = (_e4m3_toward_zero(x.bfloat16().float()) for x in (k, v))
     else:
         kq, vq = k.bfloat16().float(), v.bfloat16().float()
     scale = D**-0.5

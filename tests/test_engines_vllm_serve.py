@@ -38,7 +38,7 @@ def test_openai_round_trip_against_kvcompile_serve(smol, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (the server writes it until terminated below)
     proc = subprocess.Popen([sys.executable, "-m", "kvcompile.cli", "serve", str(path), "--port", str(port),
                              "--kv-cache-memory", str(32 << 20)], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
