@@ -10,6 +10,7 @@ silent ``NaN``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -58,7 +59,7 @@ def sweep_stale_tmp(path: Path, older_than_s: float = STALE_TMP_S) -> int:
     removed = 0
     now = time.time()
     with contextlib.suppress(OSError):
-        for p in Path(path).parent.glob(f".{Path(path).name}.*{TMP_SUFFIX}"):
+        for p in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*{TMP_SUFFIX}"):
             with contextlib.suppress(OSError):
                 if now - p.stat().st_mtime > older_than_s:
                     p.unlink()
