@@ -26,13 +26,13 @@ def test_lower_mixed_plan():
     sched = lower_strategies(MIXED, head_dim=64, gqa=3)
     dec0 = sched.select("decode", 0)
     assert [i.op for i in dec0] == ["attend_decode", "push_residual", "append"]
-    assert dec0[0].kernel_uri == "decode_mixed_hd64_gqa3_s-q4g8v64r8-full_f32" and dec0[0].arg("groups") == (
+    assert dec0[0].kernel_uri == "decode_mixed_hd64_gqa3_s-q4g8v8r8-full_f32" and dec0[0].arg("groups") == (
         0,
         1,
     )
     flush = sched.select("flush", 0)
     assert [(i.op, i.group, i.arg("threshold")) for i in flush] == [("flush_quant", 0, 16)]
-    assert flush[0].kernel_uri == "quant_append_hd64_b4_g8_f32"
+    assert flush[0].kernel_uri == "quant_append_hd64_b4_g8_vg8_f32"
     dec1 = sched.select("decode", 1)
     # sink_window + fp8 share one launch; H2O gets its own, which also returns the per-key attention mass
     assert [(i.op, i.group) for i in dec1] == [("attend_decode", -1), ("attend_scored", 0), ("append", 2)]
@@ -48,7 +48,7 @@ def test_lower_mixed_plan():
 def test_uniform_layers_use_single_format_kernels():
     sched = lower_strategies([[from_spec(Q4)] * 3, [from_spec({"name": "full"})] * 3], head_dim=80, gqa=3)
     uris = [i.kernel_uri for i in sched.select("decode") if i.op == "attend_decode"]
-    assert uris == ["decode_quant_hd80_b4_g8_gqa3_r8_f32", "decode_full_hd80_gqa3_f32"]
+    assert uris == ["decode_quant_hd80_b4_g8_vg8_gqa3_r8_f32", "decode_full_hd80_gqa3_f32"]
 
 
 def test_instr_validation():
@@ -136,13 +136,13 @@ def test_plan_artifact_carries_verified_kernels(smol, tmp_path, monkeypatch):
         set(plan.kernels)
         == set(emit_kernels(plan))
         == {
-            "decode_mixed_hd64_gqa3_s-q4g8v64r8-full-compact_f32",
-            "quant_append_hd64_b4_g8_f32",
+            "decode_mixed_hd64_gqa3_s-q4g8v8r8-full-compact_f32",
+            "quant_append_hd64_b4_g8_vg8_f32",
         }
     )
     loaded = plan_mod.load(plan.save(tmp_path / "p.kvplan"))
     assert set(load_plan_kernels(loaded)) == set(plan.kernels)
-    uri = "quant_append_hd64_b4_g8_f32"
+    uri = "quant_append_hd64_b4_g8_vg8_f32"
     bad = dict(loaded.kernels)
     bad[uri] = {**bad[uri], "source": bad[uri]["source"].replace("0.5", "0.4")}
     with pytest.raises(KernelSourceError, match=uri):
@@ -170,7 +170,8 @@ def test_smollm2_greedy_generation_interpreter_validate_equals_torch(smol):
     prompt = "The pass key is 71432. Remember it. Question: What is the pass key? Answer with the number."
     ids = tok(prompt + " The pass key is", return_tensors="pt").input_ids
     h2o = {"name": "heavy_hitter", "budget": 33, "recent": 8}  # 31 prompt tokens: evicts from decode step 3
-    plan = mixed_plan(model, [Q4, h2o, {"name": "sink_window", "sinks": 4, "window": 24}], context=256)
+    q4 = {**Q4, "v_group": 64}  # one value group per token, the setting this pass-key check was made with
+    plan = mixed_plan(model, [q4, h2o, {"name": "sink_window", "sinks": 4, "window": 24}], context=256)
     tokens, interp = {}, None
     for backend in ("torch", "triton-interpret"):
         cache = make_cache(plan, model, backend=backend)
@@ -200,7 +201,7 @@ def test_emit_code_pass_puts_schedule_and_kernels_in_facts():
     out = emit_code(Program(model, sites, assignment), None)
     sched = Schedule.from_json(out.facts["schedule"])
     assert [i.kernel_uri for i in sched.select("decode") if i.op == "attend_decode"] == [
-        "decode_mixed_hd64_gqa4_s-q4g8v64r8-full_bf16",
+        "decode_mixed_hd64_gqa4_s-q4g8v8r8-full_bf16",
         "decode_fp8_hd64_gqa4_bf16",
     ]
     assert set(out.facts["kernels"]) == {i.kernel_uri for i in sched.instrs if i.kernel_uri}

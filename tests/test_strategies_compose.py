@@ -87,8 +87,8 @@ def test_compose_snapkv_then_kivi_codes():
     kn, qn = torch.randn(B, hg, 1, d), torch.randn(B, hg * G, 1, d)
     out = st.attend(qn, kn, kn, torch.ones(B, 1, dtype=torch.bool), SCALE)
     khat = torch.cat([qr.dequantize_keys(kc, ks, kz, 2, 16), orig_k[:, :, 32:], kn], 2)
-    vc, vs, vz = qr.quantize_values(orig_v[:, :, :32], 2, d)
-    vhat = torch.cat([qr.dequantize_values(vc, vs, vz, 2, d), orig_v[:, :, 32:], kn], 2)
+    vc, vs, vz = qr.quantize_values(orig_v[:, :, :32], 2, 16)  # KIVI value groups: ``group`` channels
+    vhat = torch.cat([qr.dequantize_values(vc, vs, vz, 2, 16), orig_v[:, :, 32:], kn], 2)
     ref, _ = reference_attention(qn, khat, vhat, None, SCALE)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 

@@ -104,7 +104,8 @@ def test_quant_store_flushes_and_packs():
         assert 8 <= tens["k_res"].shape[2] < 24 or t + 1 < 8
     tens = st.tensors()
     assert tens["k_codes"].dtype == torch.uint8 and tens["k_codes"].shape == (B, hg, 80, d // 4)
-    assert tens["v_codes"].shape == (B, hg, 80, d // 4) and tens["v_scale"].shape == (B, hg, 80, 1)
+    # KIVI's value groups default to ``group`` channels (here 16: four scale/zero pairs per token)
+    assert tens["v_codes"].shape == (B, hg, 80, d // 4) and tens["v_scale"].shape == (B, hg, 80, d // 16)
     assert tens["k_scale"].shape == (B, hg, 5, d) and tens["k_scale"].dtype == torch.float16
     torch.testing.assert_close(tens["k_res"], k[:, :, 80:])  # residual: exact, model dtype
     # the quantized part equals the paper's formula applied to the original tokens
@@ -112,8 +113,8 @@ def test_quant_store_flushes_and_packs():
     ref, bound = kivi_groups_reference(k[:, :, :80], 2, 16, axis=-2)
     assert ((khat - k[:, :, :80]).abs() <= bound).all()
     torch.testing.assert_close(khat, ref, atol=1e-5, rtol=0)
-    vhat = qr.dequantize_values(tens["v_codes"], tens["v_scale"], tens["v_zero"], 2, d)
-    ref_v, _ = kivi_groups_reference(v[:, :, :80], 2, d, axis=-1)
+    vhat = qr.dequantize_values(tens["v_codes"], tens["v_scale"], tens["v_zero"], 2, 16)
+    ref_v, _ = kivi_groups_reference(v[:, :, :80], 2, 16, axis=-1)
     torch.testing.assert_close(vhat, ref_v, atol=1e-5, rtol=0)
     # attention of the next token = reference attention over (dequantized codes ++ residual ++ new)
     kn, qn = torch.randn(B, hg, 1, d, generator=g), torch.randn(B, hg * G, 1, d, generator=g)
@@ -171,3 +172,28 @@ def test_fp8_round_trip_within_e4m3_tolerance_and_clamps_decode():
     step(st, q[:, :, :1], kn, kn, torch.ones(B, 1, dtype=torch.bool))
     last = st.tensors()["k"][:, :, -1].float() * st.tensors()["k_scale"][:, :, None]
     torch.testing.assert_close(last, (448 * st.tensors()["k_scale"])[:, :, None].expand(B, hg, d))
+
+
+@pytest.mark.parametrize("bits,v_bits", [(4, 2), (8, 4), (2, 4)])
+def test_asymmetric_key_value_bits_exact_bytes_and_reference(bits, v_bits):
+    """K/V bits differ: codes rows are D*bits/8 (keys) and D*v_bits/8 (values); bytes are exact and the
+    store's attention equals attention over its own dequantized tensors."""
+    s = REGISTRY["quant"](bits=bits, group=16, residual=8, v_bits=v_bits)
+    assert s.to_spec()["v_bits"] == v_bits and "v_bits" not in REGISTRY["quant"](bits=4).to_spec()
+    assert s.short_label() == f"k{bits}v{v_bits}/g16/r8"
+    hg, d, n = 2, 64, 61
+    g = torch.Generator().manual_seed(bits * 10 + v_bits)
+    k, v = torch.randn(B, hg, n, d, generator=g), torch.randn(B, hg, n, d, generator=g)
+    q = torch.randn(B, hg * G, n, d, generator=g)
+    valid = torch.ones(B, n, dtype=torch.bool)
+    st = store_of(s, hg, d)
+    step(st, q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], valid[:, :-1])
+    t = st.tensors()
+    assert t["k_codes"].shape[-1] == d * bits // 8 and t["v_codes"].shape[-1] == d * v_bits // 8
+    assert st.nbytes() == B * hg * s.bytes_for(n - 1, d, 4)
+    kd, vd, ok = st.buf.dequant()
+    key_ok = torch.cat([ok.expand(B, hg, -1), torch.ones(B, hg, 1, dtype=torch.bool)], 2)
+    kk, vv = torch.cat([kd, k[:, :, -1:]], 2), torch.cat([vd, v[:, :, -1:]], 2)
+    want = reference_attention(q[:, :, -1:], kk, vv, key_ok, 0.125)[0]
+    got = st.attend(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], valid[:, -1:], 0.125)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -104,14 +104,22 @@ def _cases() -> list[tuple[str, Any, list[str], list[Any], dict[str, Any]]]:
         "i32",
         "fp32",
     ]
-    slots = ((u8, f16, f16, u8, f16, f16), (u8, u8, f32, f32, u8, u8), (f16, f16, _p("i32"), f16, f16, f16))
+    i32 = _p("i32")
+    quant6 = (u8, f16, f16, u8, f16, f16)
+    slots = (
+        (*quant6, u8, u8, u8, u8),  # quant (unused entries repeat the first)
+        (u8, u8, f32, f32, u8, u8, u8, u8, u8, u8),  # fp8
+        (f16, f16, i32, f16, f16, f16, f16, f16, f16, f16),  # compact
+        (*quant6, i32, u8, u8, u8),  # quant_pos
+        (*quant6, i32, f16, f16, i32),  # mikv
+    )
     mixed = ["q", "table", "slots", "tails", "ints", "lead", "m", "l", "acc", "out", "Hkv", "sc"]
     mixed_t = [
         f16,
         _p("i32"),
         slots,
-        ((f16, f16),) * 3,
-        (("i32",) * 4,) * 3,
+        ((f16, f16, f16),) * 3 + ((f16, f16, i64),) * 2,
+        (("i32",) * 6,) * 5,
         i64,
         f32,
         f32,
@@ -120,7 +128,7 @@ def _cases() -> list[tuple[str, Any, list[str], list[Any], dict[str, Any]]]:
         "i32",
         "fp32",
     ]
-    spec = ((3, 4, 32, 128), (1, 0, 0, 0), (2, 0, 0, 0))
+    spec = ((3, 4, 32, 128, 2), (1, 0, 0, 0, 0), (2, 0, 0, 0, 0), (4, 4, 32, 32, 4), (5, 2, 32, 32, 2))
     scored = ["q", "k", "v", "pos", "kt", "vt", "lead", "s", "m", "l", "acc", "out", "Hg", "N", "Nt", "sc"]
     scored_t = [f16, f16, f16, _p("i32"), f16, f16, i64, f32, f32, f32, f32, f16, "i32", "i32", "i32", "fp32"]
     append = ["k", "v", "kc", "ks", "kz", "vc", "vs", "vz", "lead", "n", "start", "Hg"]
@@ -129,15 +137,15 @@ def _cases() -> list[tuple[str, Any, list[str], list[Any], dict[str, Any]]]:
         ("decode_fp8", decode_compact._decode_dense_kernel, dense, [*dense_t, "fp32"],
          dict(FMT=1, D=128, G=4, HAS_LEAD=True, NUM_SPLITS=4, **tiles)),
         ("decode_quant_b2_hd80", decode_quant._decode_quant_kernel, quant, quant_t,
-         dict(D=80, G=3, BITS=2, GROUP=32, V_GROUP=16, HAS_LEAD=True, NUM_SPLITS=1, **tiles)),
+         dict(D=80, G=3, BITS=2, GROUP=32, V_GROUP=16, HAS_LEAD=True, V_BITS=4, NUM_SPLITS=1, **tiles)),
         ("decode_compact_scored", decode_compact._decode_scored_kernel, scored, scored_t,
          dict(D=64, G=3, HAS_LEAD=False, NUM_SPLITS=2, **tiles)),
         ("reduce_splits", _common._reduce_splits_kernel, ["m", "l", "acc", "out", "H"],
          [f32, f32, f32, f16, "i32"], dict(D=128, G=4, NUM_SPLITS=8, BLOCK_G=16, BLOCK_D=128)),
         ("quant_append_b4", quant_append._quant_pack_kernel, append, append_t,
-         dict(D=128, BITS=4, GROUP=32, V_GROUP=32, HAS_LEAD=True, BLOCK_T=32, BLOCK_B=64)),
+         dict(D=128, BITS=4, GROUP=32, V_GROUP=32, HAS_LEAD=True, BLOCK_T=32, BLOCK_B=64, V_BITS=2, V_BLOCK_B=32)),
         ("decode_mixed", decode_mixed._decode_mixed_kernel, mixed, mixed_t,
-         dict(SPEC=spec, NUM_SLOTS=3, D=128, G=4, HAS_LEAD=True, NUM_SPLITS=4, **tiles)),
+         dict(SPEC=spec, NUM_SLOTS=5, D=128, G=4, HAS_LEAD=True, NUM_SPLITS=4, **tiles)),
     ]  # fmt: skip
 
 

@@ -84,7 +84,8 @@ static void softmax_rows(float* s, int G, long n, float* inv) {
 /* strides are in elements: sb (batch), sh (head); rows within a head are contiguous.
    Query/accumulator tiles are kept in the planar channel order of unpack(). */
 static inline __attribute__((always_inline)) void kivi_body(
-    int B, int H, int G, int D, const int bits, int group, int vgroup, long nq, long nr, float scale,
+    int B, int H, int G, int D, const int bits, const int vbits, int group, int vgroup, long nq, long nr,
+    float scale,
     const float* q,
     const uint8_t* kc, long kc_sb, long kc_sh, const half* ks, const half* kz, long ks_sb, long ks_sh,
     const uint8_t* vc, long vc_sb, long vc_sh, const half* vs, const half* vz, long vs_sb, long vs_sh,
@@ -94,8 +95,8 @@ static inline __attribute__((always_inline)) void kivi_body(
     float* out)
 {
     long n = nq + nr + 1;
-    const int ppb = 8 / bits;
-    int row = D / ppb, nvg = D / vgroup, vrow = vgroup / ppb;
+    const int ppb = 8 / bits, vppb = 8 / vbits;
+    int row = D / ppb, vrow_bytes = D / vppb, nvg = D / vgroup, vrow = vgroup / vppb;
     float* s = (float*)malloc(sizeof(float) * (size_t)G * n);
     float qs[MAXG][256], qp[MAXG][256], acc[MAXG][256], c[256], zf[256], zq[MAXG], inv[MAXG];
     for (int b = 0; b < B; b++) for (int h = 0; h < H; h++) {
@@ -142,14 +143,14 @@ static inline __attribute__((always_inline)) void kivi_body(
             int any = 0;
             for (int j = 0; j < G; j++) any |= s[j * n + t] != 0.f;
             if (!any) continue;
-            unpack(vch + t * row, c, row, bits);
+            unpack(vch + t * vrow_bytes, c, vrow_bytes, vbits);
             for (int v = 0; v < nvg; v++) {
                 float sc = (float)vsh[t * nvg + v], zz = (float)vzh[t * nvg + v];
                 for (int j = 0; j < G; j++) {
                     float pr = s[j * n + t], a = pr * sc, bz = pr * zz;
-                    for (int p = 0; p < ppb; p++) {
-                        float* aj = acc[j] + p * row + v * vrow;
-                        const float* cv = c + p * row + v * vrow;
+                    for (int p = 0; p < vppb; p++) {
+                        float* aj = acc[j] + p * vrow_bytes + v * vrow;
+                        const float* cv = c + p * vrow_bytes + v * vrow;
                         for (int d = 0; d < vrow; d++) aj[d] += a * cv[d] + bz;
                     }
                 }
@@ -157,8 +158,8 @@ static inline __attribute__((always_inline)) void kivi_body(
         }
         float* oh = out + ((long)b * H + h) * G * D;
         for (int j = 0; j < G; j++)  /* planar -> channel order */
-            for (int p = 0; p < ppb; p++)
-                for (int i = 0; i < row; i++) qs[j][i * ppb + p] = acc[j][p * row + i];
+            for (int p = 0; p < vppb; p++)
+                for (int i = 0; i < vrow_bytes; i++) qs[j][i * vppb + p] = acc[j][p * vrow_bytes + i];
         for (long t = 0; t < nr + 1; t++) {
             const float* vt = t < nr ? vrh + t * D : vnh;
             for (int j = 0; j < G; j++) {
@@ -173,19 +174,24 @@ static inline __attribute__((always_inline)) void kivi_body(
 }
 
 #define KIVI_ARGS \
-    int B, int H, int G, int D, int bits, int group, int vgroup, long nq, long nr, float scale, \
+    int B, int H, int G, int D, int bits, int vbits, int group, int vgroup, long nq, long nr, float scale, \
     const float* q, \
     const uint8_t* kc, long kc_sb, long kc_sh, const half* ks, const half* kz, long ks_sb, long ks_sh, \
     const uint8_t* vc, long vc_sb, long vc_sh, const half* vs, const half* vz, long vs_sb, long vs_sh, \
     const float* kr, const float* vr, long r_sb, long r_sh, const float* kn, const float* vn, \
     const int32_t* pos, long p_sb, long p_sh, const int64_t* lead, float* out
-#define KIVI_PASS(BITS) B, H, G, D, BITS, group, vgroup, nq, nr, scale, q, kc, kc_sb, kc_sh, ks, kz, \
+#define KIVI_PASS(BITS, VBITS) B, H, G, D, BITS, VBITS, group, vgroup, nq, nr, scale, q, kc, kc_sb, kc_sh, ks, kz, \
     ks_sb, ks_sh, vc, vc_sb, vc_sh, vs, vz, vs_sb, vs_sh, kr, vr, r_sb, r_sh, kn, vn, pos, p_sb, p_sh, lead, out
 
+#define KIVI_V(BITS) \
+    if (vbits == 4) kivi_body(KIVI_PASS(BITS, 4)); \
+    else if (vbits == 2) kivi_body(KIVI_PASS(BITS, 2)); \
+    else kivi_body(KIVI_PASS(BITS, 8));
+
 void kivi_decode(KIVI_ARGS) {
-    if (bits == 4) kivi_body(KIVI_PASS(4));
-    else if (bits == 2) kivi_body(KIVI_PASS(2));
-    else kivi_body(KIVI_PASS(8));
+    if (bits == 4) { KIVI_V(4) }
+    else if (bits == 2) { KIVI_V(2) }
+    else { KIVI_V(8) }
 }
 
 /* fp32 keys/values [.., N, D] (+ the new token), validity from pos or lead; with fp8 != 0 the
@@ -291,9 +297,10 @@ def _compile() -> ctypes.CDLL:
             os.replace(tmp_so, so)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(str(so))
     i, n, f, p = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p
-    lib.kivi_decode.argtypes = [i] * 7 + [n, n, f, p] + [p, n, n, p, p, n, n] * 2 + [p, p, n, n, p, p, p, n, n, p, p]
-    lib.dense_decode.argtypes = [i] * 4 + [n, f, p, p, p, n, n, p, p, p, n, n, p, p]
-    lib.fp8_decode.argtypes = [i] * 4 + [n, f, p, p, p, n, n, p, p, p, p, p, p, p]
+    # ctypes' argtypes typing rejects lists of these classes; the runtime accepts them
+    lib.kivi_decode.argtypes = [i] * 8 + [n, n, f, p] + [p, n, n, p, p, n, n] * 2 + [p, p, n, n, p, p, p, n, n, p, p]  # type: ignore[assignment]  # noqa: E501
+    lib.dense_decode.argtypes = [i] * 4 + [n, f, p, p, p, n, n, p, p, p, n, n, p, p]  # type: ignore[assignment]
+    lib.fp8_decode.argtypes = [i] * 4 + [n, f, p, p, p, n, n, p, p, p, p, p, p, p]  # type: ignore[assignment]
     for fn in (lib.kivi_decode, lib.dense_decode, lib.fp8_decode):
         fn.restype = None
     return lib
@@ -357,16 +364,17 @@ def _lead_pos(pos, lead):
 
 
 def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, k_new, v_new, *,
-                bits, group, v_group, nq, scale, pos=None, lead=None) -> torch.Tensor:  # fmt: skip
+                bits, group, v_group, nq, scale, pos=None, lead=None, v_bits=None) -> torch.Tensor:  # fmt: skip
     """Decode attention over ``nq`` quantized slots, the residual ``k_res``/``v_res`` [B, H, Nr, D]
     and the new token ``k_new``/``v_new`` [B, H, 1, D]; q [B, H*G, 1, D] float32. Codes/scales may
     be capacity buffers longer than ``nq`` (only the first ``nq`` slots / ``nq // group`` key groups
     are read). ``pos`` [B, H, >= nq+Nr] int32 (-1 = empty slot) or ``lead`` [B] (left padding)
-    marks invalid slots. Returns [B, H*G, 1, D] float32."""
+    marks invalid slots; ``v_bits`` (default ``bits``) the value codes' bits. Returns [B, H*G, 1, D] float32."""
     H, D = k_new.shape[1], k_new.shape[3]
     B, G, Hq = _check(q, H, D)
-    if D % v_group or v_group > MAX_D:
-        raise ValueError(f"v_group={v_group} must divide head_dim={D}")
+    v_bits = bits if v_bits is None else v_bits
+    if D % v_group or v_group > MAX_D or v_group % (8 // v_bits):
+        raise ValueError(f"v_group={v_group} must divide head_dim={D} and hold whole bytes of {v_bits}-bit codes")
     pos, lead = _lead_pos(pos, lead)
     q, k_new, v_new = q.contiguous(), k_new.float().contiguous(), v_new.float().contiguous()
     k_res, v_res = _rows(k_res.float()), _rows(v_res.float())
@@ -376,7 +384,7 @@ def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_
     out = torch.empty(B, Hq, 1, D, dtype=torch.float32)
     lib = library()
     lib.kivi_decode(
-        B, H, G, D, bits, group, v_group, nq, k_res.shape[2], scale,
+        B, H, G, D, bits, v_bits, group, v_group, nq, k_res.shape[2], scale,
         _p(q),
         _p(k_codes), *_bh(k_codes), _p(k_scale), _p(k_zero), *_bh(k_scale),
         _p(v_codes), *_bh(v_codes), _p(v_scale), _p(v_zero), *_bh(v_scale),

@@ -1,7 +1,7 @@
 """One fused decode-attention launch per layer whose KV heads use different storage formats.
 
 A layer's head groups (each a set of KV heads sharing a strategy, see ``runtime.cache.group_heads``)
-become *slots*: per slot, a constexpr spec ``(format id, bits, group, v_group)``, a tuple of six
+become *slots*: per slot, a constexpr spec ``(format id, bits, group, v_group, v_bits)``, a tuple of ten
 storage tensors, an fp tail (residual and/or new tokens) and four ints ``(Hg, N, Nt, tail_pos0)``.
 A per-KV-head table ``[Hkv, 2]`` int32 gives each layer KV head its ``(slot, head within the group)``.
 Program ``(b * Hkv + h, split)`` loads the table entry and branches on the slot (a uniform branch per
@@ -9,8 +9,12 @@ program; every branch is compiled in, so the layer costs one launch whatever its
 same per-format token loops as the single-format kernels (:func:`_quant_tokens`, :func:`_dense_tokens`)
 and writes split partials that the shared reduce merges directly into query-head order.
 
-Slot tensors by format: full ``(k, v, -, -, -, -)``; fp8 ``(k bits, v bits, k_scale, v_scale, -, -)``;
-compact ``(k, v, pos, -, -, -)``; quant ``(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)``.
+Slot tensors by format (ten per slot, unused ones repeat the first): full ``(k, v)``; fp8 ``(k bits,
+v bits, k_scale, v_scale)``; compact ``(k, v, pos)``; quant ``(k_codes, k_scale, k_zero, v_codes,
+v_scale, v_zero)``; quant_pos (a composition: selection + KIVI) the quant six + ``pos`` [B, Hg, Nq+Nr]
+(positions of codes then residual, -1 = empty); mikv the quant_pos seven of its low-bit store + the
+selected full-precision ``k, v, pos``. Slot ints: ``(Hg, N, Nt, tail_pos0, Npos, N_hi)``; tails
+``(k_tail, v_tail, tail_pos)`` (quant_pos/mikv: tail tokens are masked by ``tail_pos``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from ._common import (
     FMT_COMPACT,
     FMT_FP8,
     FMT_FULL,
+    FMT_MIKV,
     FMT_QUANT,
+    FMT_QUANT_POS,
     FORMAT_IDS,
     LOG2E,
     _decode_init,
@@ -90,11 +96,18 @@ def _decode_mixed_kernel(
             base = b * ints[i][0] + hg
             n_main = ints[i][1]
             lo, hi = _split_range(n_main, split, NUM_SPLITS, BLOCK_N)
-            if SPEC[i][0] == 3:
+            if SPEC[i][0] >= 3:  # quant, quant_pos, mikv (its low-bit store)
                 m, lsum, acc = _quant_tokens(
-                    q, m, lsum, acc, base, lo, hi, n_main, t[0], t[1], t[2], t[3], t[4], t[5], lead,
-                    D, SPEC[i][1], SPEC[i][2], SPEC[i][3], BLOCK_N, BLOCK_D,
+                    q, m, lsum, acc, base, lo, hi, n_main, t[0], t[1], t[2], t[3], t[4], t[5], lead, t[6],
+                    ints[i][4], D, SPEC[i][1], SPEC[i][2], SPEC[i][3], BLOCK_N, BLOCK_D, SPEC[i][0] >= 4,
+                    SPEC[i][4],
                 )  # fmt: skip
+                if SPEC[i][0] == 5:  # noqa: SIM102 - a constexpr branch around a runtime one
+                    if split == NUM_SPLITS - 1:  # MiKV's full-precision (selected) tokens
+                        m, lsum, acc = _dense_tokens(
+                            q, m, lsum, acc, base, 0, ints[i][5], ints[i][5], t[7], t[8], t[9], 1.0, 1.0, lead,
+                            0, 2, D, BLOCK_N, BLOCK_D,
+                        )  # fmt: skip
             else:
                 k_scale = 1.0
                 v_scale = 1.0
@@ -108,8 +121,8 @@ def _decode_mixed_kernel(
             if split == NUM_SPLITS - 1:
                 n_tail = ints[i][2]
                 m, lsum, acc = _dense_tokens(
-                    q, m, lsum, acc, base, 0, n_tail, n_tail, tails[i][0], tails[i][1], tails[i][0], 1.0, 1.0,
-                    lead, ints[i][3], 0, D, BLOCK_N, BLOCK_D,
+                    q, m, lsum, acc, base, 0, n_tail, n_tail, tails[i][0], tails[i][1], tails[i][2], 1.0, 1.0,
+                    lead, ints[i][3], 2 * (SPEC[i][0] >= 4), D, BLOCK_N, BLOCK_D,
                 )  # fmt: skip
     _finish(
         m_ptr, l_ptr, acc_ptr, out_ptr, b, h, Hkv, split, m, lsum, acc, D, G, BLOCK_G, BLOCK_D, NUM_SPLITS
@@ -123,6 +136,8 @@ _SLOT_TENSORS = {
     FMT_FP8: ("k", "v", "k_scale", "v_scale"),
     FMT_COMPACT: ("k", "v", "pos"),
     FMT_QUANT: ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"),
+    FMT_QUANT_POS: ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos"),
+    FMT_MIKV: ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "hi_k", "hi_v", "hi_pos"),
 }
 
 
@@ -139,9 +154,11 @@ class GroupView:
     bits: int = 0
     group: int = 0
     v_group: int = 0
+    v_bits: int = 0  # 0: = bits
     k_tail: torch.Tensor | None = None
     v_tail: torch.Tensor | None = None
     tail_pos0: int | None = None
+    tail_pos: torch.Tensor | None = None  # [B, Hg, T] positions of the tail (quant_pos, mikv)
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMAT_IDS:
@@ -151,17 +168,30 @@ class GroupView:
             raise ValueError(f"{self.fmt} group {self.kv_heads}: missing tensors {missing}")
 
     @property
-    def spec(self) -> tuple[int, int, int, int]:
-        """The slot's constexpr spec (format id, bits, group, v_group)."""
-        return (FORMAT_IDS[self.fmt], self.bits, self.group, self.v_group)
+    def spec(self) -> tuple[int, int, int, int, int]:
+        """The slot's constexpr spec (format id, bits, group, v_group, v_bits)."""
+        return (FORMAT_IDS[self.fmt], self.bits, self.group, self.v_group, self.v_bits or self.bits)
 
 
 def _slot_args(g: GroupView, B: int, D: int, dev: torch.device):
     fid = FORMAT_IDS[g.fmt]
     Hg = len(g.kv_heads)
     t = dict(g.tensors)
-    if fid == FMT_QUANT:
-        n = check_quant_layout(f"{g.fmt}{g.kv_heads}.", t, B, Hg, D, g.bits, g.group, g.v_group, dev)
+    npos = n_hi = 0
+    if fid in (FMT_QUANT, FMT_QUANT_POS, FMT_MIKV):
+        n = check_quant_layout(
+            f"{g.fmt}{g.kv_heads}.", t, B, Hg, D, g.bits, g.group, g.v_group, dev, g.v_bits or g.bits
+        )
+        if fid != FMT_QUANT:
+            npos = t["pos"].shape[-1]
+            check_tensor(f"{g.fmt}{g.kv_heads}.pos", t["pos"], (B, Hg, npos), (torch.int32, torch.int64), dev)
+            if npos < n:
+                raise ValueError(f"{g.fmt}{g.kv_heads}.pos: {npos} positions for {n} quantized tokens")
+        if fid == FMT_MIKV:
+            n_hi = t["hi_k"].shape[2] if t["hi_k"].dim() == 4 else -1
+            for name in ("hi_k", "hi_v"):
+                check_tensor(f"mikv{g.kv_heads}.{name}", t[name], (B, Hg, n_hi, D), FLOAT_DTYPES, dev)
+            check_tensor(f"mikv{g.kv_heads}.hi_pos", t["hi_pos"], (B, Hg, n_hi), (torch.int32, torch.int64), dev)
     else:
         if fid == FMT_FP8:
             t["k"], t["v"] = (
@@ -177,10 +207,15 @@ def _slot_args(g: GroupView, B: int, D: int, dev: torch.device):
         if fid == FMT_COMPACT:
             check_tensor(f"compact{g.kv_heads}.pos", t["pos"], (B, Hg, n), (torch.int32, torch.int64), dev)
     names = _SLOT_TENSORS[fid]
-    tensors = tuple(t[names[i]] if i < len(names) else t[names[0]] for i in range(6))
+    tensors = tuple(t[names[i]] if i < len(names) else t[names[0]] for i in range(10))
     kt, vt, nt = tail_args(g.k_tail, g.v_tail, B, Hg, D, dev)
+    tail_pos = kt
+    if fid in (FMT_QUANT_POS, FMT_MIKV):
+        if g.tail_pos is None or tuple(g.tail_pos.shape) != (B, Hg, nt):
+            raise ValueError(f"{g.fmt}{g.kv_heads}.tail_pos: expected [{B}, {Hg}, {nt}] positions of the tail")
+        tail_pos = g.tail_pos.to(device=dev).contiguous()
     pos0 = g.tail_pos0 if g.tail_pos0 is not None else (ALWAYS_VALID if fid == FMT_COMPACT else n)
-    return tensors, (kt, vt), (Hg, n, nt, pos0)
+    return tensors, (kt, vt, tail_pos), (Hg, n, nt, pos0, npos, n_hi)
 
 
 def head_table(groups: Sequence[GroupView], num_kv_heads: int, device: torch.device) -> torch.Tensor:
@@ -229,7 +264,7 @@ def decode_mixed(
     table = head_table(groups, Hkv, dev)
     args = [_slot_args(g, B, D, dev) for g in groups]
     lead_t, has_lead = lead_arg(lead, B, dev)
-    longest = max(a[2][1] + a[2][2] for a in args)
+    longest = max(a[2][1] + a[2][2] + a[2][5] for a in args)
     s, out, parts = decode_buffers(q3, longest, D, G, B, Hkv, dev, num_splits)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     main, red = kernels or (_decode_mixed_kernel, None)

@@ -63,22 +63,31 @@ def _quant_tokens(
     vs_ptr,
     vz_ptr,
     lead,
+    pos_ptr,
+    Npos,
     D: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     V_GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    V_BITS: tl.constexpr,
 ):
     """Fold quantized keys ``lo .. hi-1`` of row ``base`` into (m, lsum, acc): for channel d of token n,
     ``k = ((byte[n, d // ppb] >> bits*(d % ppb)) & (2^bits-1)) * ks[n // GROUP, d] + kz[n // GROUP, d]``,
-    ``v = code * vs[n, d // V_GROUP] + vz[n, d // V_GROUP]``; keys with ``n < lead`` are masked.
+    ``v = code * vs[n, d // V_GROUP] + vz[n, d // V_GROUP]``; keys with ``n < lead`` are masked, or
+    with ``HAS_POS`` (compositions, MiKV) keys whose position ``pos[base * Npos + n] < lead`` (-1:
+    an empty slot). Value codes have ``V_BITS`` bits (K/V bits may differ, e.g. K4V2).
     Code bytes are read once, contiguously ([BLOCK_N, BLOCK_D / ppb] tiles), and unpacked in registers."""
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     offs_b = tl.arange(0, BLOCK_D // (8 // BITS))
     row_bytes = D * BITS // 8
     bmask = offs_b < row_bytes
+    offs_vb = tl.arange(0, BLOCK_D // (8 // V_BITS))
+    v_row_bytes = D * V_BITS // 8
+    vbmask = offs_vb < v_row_bytes
     n_groups = Nq // GROUP
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -89,9 +98,9 @@ def _quant_tokens(
         kcode = _unpack(tl.load(kc_ptr + code_off, mask=bytes_mask, other=0).to(tl.int32), BITS).to(
             tl.float32
         )
-        vcode = _unpack(tl.load(vc_ptr + code_off, mask=bytes_mask, other=0).to(tl.int32), BITS).to(
-            tl.float32
-        )
+        v_off = (base * Nq + offs_n[:, None]) * v_row_bytes + offs_vb[None, :]
+        v_mask = nmask[:, None] & vbmask[None, :]
+        vcode = _unpack(tl.load(vc_ptr + v_off, mask=v_mask, other=0).to(tl.int32), V_BITS).to(tl.float32)
         ks_off = (base * n_groups + offs_n[:, None] // GROUP) * D + offs_d[None, :]
         k = kcode * tl.load(ks_ptr + ks_off, mask=mask2, other=0).to(tl.float32) + tl.load(
             kz_ptr + ks_off, mask=mask2, other=0
@@ -100,7 +109,11 @@ def _quant_tokens(
         v = vcode * tl.load(vs_ptr + vs_off, mask=mask2, other=0).to(tl.float32) + tl.load(
             vz_ptr + vs_off, mask=mask2, other=0
         ).to(tl.float32)
-        valid = nmask & (offs_n.to(tl.int64) >= lead)
+        if HAS_POS:
+            p = tl.load(pos_ptr + base * Npos + offs_n, mask=nmask, other=-1).to(tl.int64)
+        else:
+            p = offs_n.to(tl.int64)
+        valid = nmask & (p >= lead)
         s = _dot(q, tl.trans(k))
         s = tl.where(valid[None, :], s, float("-inf"))
         m, lsum, acc = _online_update(m, lsum, acc, s, v.to(q.dtype))
@@ -133,6 +146,7 @@ def _decode_quant_kernel(
     GROUP: tl.constexpr,
     V_GROUP: tl.constexpr,
     HAS_LEAD: tl.constexpr,
+    V_BITS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -149,8 +163,8 @@ def _decode_quant_kernel(
     )
     lo, hi = _split_range(Nq, split, NUM_SPLITS, BLOCK_N)
     m, lsum, acc = _quant_tokens(
-        q, m, lsum, acc, pid, lo, hi, Nq, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, lead, D, BITS,
-        GROUP, V_GROUP, BLOCK_N, BLOCK_D,
+        q, m, lsum, acc, pid, lo, hi, Nq, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, lead, kc_ptr, 0, D,
+        BITS, GROUP, V_GROUP, BLOCK_N, BLOCK_D, False, V_BITS,
     )  # fmt: skip
     if split == NUM_SPLITS - 1:
         m, lsum, acc = _dense_tokens(
@@ -164,15 +178,26 @@ SOURCES = (_unpack, _quant_tokens, _decode_quant_kernel)
 
 
 def check_quant_layout(
-    prefix: str, t: dict, B: int, Hg: int, D: int, bits: int, group: int, v_group: int, device: torch.device
+    prefix: str,
+    t: dict,
+    B: int,
+    Hg: int,
+    D: int,
+    bits: int,
+    group: int,
+    v_group: int,
+    device: torch.device,
+    v_bits: int | None = None,
 ) -> int:
     """Validate a quantized group's tensors (``k_codes`` ... ``v_zero``); return Nq."""
-    if bits not in BITS_ALLOWED:
-        raise ValueError(f"bits={bits} not allowed; choose one of {list(BITS_ALLOWED)}")
-    if D % (8 // bits) or D % v_group:
-        raise ValueError(
-            f"head_dim={D} must be a multiple of {8 // bits} (bits={bits}) and v_group={v_group}"
-        )
+    v_bits = bits if v_bits is None else v_bits
+    for name, b in (("bits", bits), ("v_bits", v_bits)):
+        if b not in BITS_ALLOWED:
+            raise ValueError(f"{name}={b} not allowed; choose one of {list(BITS_ALLOWED)}")
+        if D % (8 // b):
+            raise ValueError(f"head_dim={D} must be a multiple of {8 // b} ({name}={b})")
+    if D % v_group:
+        raise ValueError(f"head_dim={D} must be a multiple of v_group={v_group}")
     kc = t["k_codes"]
     Nq = kc.shape[2] if kc.dim() == 4 else -1
     if Nq % group:
@@ -180,7 +205,7 @@ def check_quant_layout(
     row = D * bits // 8
     f16 = (torch.float16,)
     check_tensor(prefix + "k_codes", kc, (B, Hg, Nq, row), (torch.uint8,), device)
-    check_tensor(prefix + "v_codes", t["v_codes"], (B, Hg, Nq, row), (torch.uint8,), device)
+    check_tensor(prefix + "v_codes", t["v_codes"], (B, Hg, Nq, D * v_bits // 8), (torch.uint8,), device)
     check_tensor(prefix + "k_scale", t["k_scale"], (B, Hg, Nq // group, D), f16, device)
     check_tensor(prefix + "k_zero", t["k_zero"], (B, Hg, Nq // group, D), f16, device)
     check_tensor(prefix + "v_scale", t["v_scale"], (B, Hg, Nq, D // v_group), f16, device)
@@ -206,8 +231,10 @@ def decode_quant(
     v_tail=None,
     num_splits=None,
     kernels=None,
+    v_bits=None,
 ):
-    """Decode attention of ``q`` [B, Hq, 1, D] over a quantized group plus its fp tail (see module doc).
+    """Decode attention of ``q`` [B, Hq, 1, D] over a quantized group plus its fp tail (see module doc);
+    ``v_bits`` (default ``bits``) are the value codes' bits.
 
     Returns [B, Hq, 1, D] in q's dtype. ``kernels`` = (main, reduce) jit functions loaded from the
     kernel cache (default: this module's).
@@ -226,7 +253,8 @@ def decode_quant(
     tensors = dict(
         k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, v_codes=v_codes, v_scale=v_scale, v_zero=v_zero
     )
-    Nq = check_quant_layout("", tensors, B, Hg, D, bits, group, v_group, dev)
+    v_bits = bits if v_bits is None else v_bits
+    Nq = check_quant_layout("", tensors, B, Hg, D, bits, group, v_group, dev, v_bits)
     lead_t, has_lead = lead_arg(lead, B, dev)
     kt, vt, Nt = tail_args(k_tail, v_tail, B, Hg, D, dev)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -255,6 +283,7 @@ def decode_quant(
         GROUP=group,
         V_GROUP=v_group,
         HAS_LEAD=has_lead,
+        V_BITS=v_bits,
         **s.launch_meta(),
     )
     reduce_splits(parts, out, Hg, D, G, s, red)

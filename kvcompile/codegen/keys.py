@@ -23,7 +23,9 @@ KINDS = (
 )
 DTYPE_TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 # strategy kernel formats served by kernels; any other format runs its store's torch reference
-KERNEL_FORMATS = ("full", "fp8", "compact", "quant")
+KERNEL_FORMATS = ("full", "fp8", "compact", "quant", "quant_pos", "mikv")
+QUANT_FORMATS = ("quant", "quant_pos", "mikv")  # slots carrying KIVI parameters
+MIXED_ONLY = ("quant_pos", "mikv")  # served by the mixed launch even alone
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,15 +37,18 @@ class Slot:
     group: int = 0
     v_group: int = 0
     residual: int = 0
+    v_bits: int = 0  # value-code bits when they differ from ``bits`` (0: the same)
 
     def __post_init__(self) -> None:
         if self.fmt not in KERNEL_FORMATS:
             raise ValueError(f"fmt={self.fmt!r} has no kernel; kernel formats: {list(KERNEL_FORMATS)}")
 
     def tag(self) -> str:
-        if self.fmt != "quant":
+        if self.fmt not in QUANT_FORMATS:
             return self.fmt
-        return f"q{self.bits}g{self.group}v{self.v_group}r{self.residual}"
+        prefix = {"quant": "q", "quant_pos": "qp", "mikv": "mikv"}[self.fmt]
+        vb = f"x{self.v_bits}" if self.v_bits else ""
+        return f"{prefix}{self.bits}{vb}g{self.group}v{self.v_group}r{self.residual}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,6 +65,7 @@ class KernelKey:
     residual: int = 0
     block_n: int = 0
     slots: tuple[Slot, ...] = ()
+    v_bits: int = 0  # value-code bits when they differ from ``bits`` (0: the same)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -80,6 +86,8 @@ class KernelKey:
             parts += [f"b{self.bits}", f"g{self.group}"]
             if self.v_group and self.v_group != self.head_dim:
                 parts.append(f"vg{self.v_group}")
+            if self.v_bits:
+                parts.append(f"vb{self.v_bits}")
         if self.kind != "quant_append":
             parts.append(f"gqa{self.gqa}")
         if self.kind == "decode_quant":
@@ -111,15 +119,24 @@ def slot_for(strategy: Any, head_dim: int) -> Slot | None:
     if fmt not in KERNEL_FORMATS:
         return None
     if fmt == "quant":
-        return Slot("quant", strategy.bits, strategy.group, strategy.vg(head_dim), strategy.residual)
+        vb = strategy.vbits if strategy.vbits != strategy.bits else 0
+        return Slot("quant", strategy.bits, strategy.group, strategy.vg(head_dim), strategy.residual, vb)
+    if fmt == "mikv" and strategy.select.observe == "all":
+        return None  # an H2O selector needs every step's attention mass: its store's reference serves it
+    if fmt in ("quant_pos", "mikv"):
+        quant = strategy.quant if fmt == "quant_pos" else strategy.low()
+        vb = quant.vbits if quant.vbits != quant.bits else 0
+        return Slot(fmt, quant.bits, quant.group, quant.vg(head_dim), quant.r, vb)
     return Slot(fmt)
 
 
 def decode_key(slots: tuple[Slot, ...], head_dim: int, gqa: int, dtype: str) -> KernelKey:
     """The decode key of a layer whose kernel-served groups have ``slots`` (one slot: a uniform kernel)."""
-    if len(slots) == 1:
+    if len(slots) == 1 and slots[0].fmt not in MIXED_ONLY:
         s = slots[0]
-        return KernelKey(f"decode_{s.fmt}", head_dim, gqa, dtype, s.bits, s.group, s.v_group, s.residual)
+        return KernelKey(
+            f"decode_{s.fmt}", head_dim, gqa, dtype, s.bits, s.group, s.v_group, s.residual, v_bits=s.v_bits
+        )
     return KernelKey("decode_mixed", head_dim, gqa, dtype, slots=slots)
 
 
@@ -130,4 +147,4 @@ def scored_key(head_dim: int, gqa: int, dtype: str) -> KernelKey:
 
 def append_key(slot: Slot, head_dim: int, dtype: str) -> KernelKey:
     """The flush key of a quant slot."""
-    return KernelKey("quant_append", head_dim, 1, dtype, slot.bits, slot.group, slot.v_group)
+    return KernelKey("quant_append", head_dim, 1, dtype, slot.bits, slot.group, slot.v_group, v_bits=slot.v_bits)

@@ -184,9 +184,12 @@ def _quant_pack_kernel(
     HAS_LEAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_BLOCK_B: tl.constexpr,
 ):
     """Grid (B * Hg, n / GROUP, 2): program (row, g, 0) quantizes keys of tokens [g*GROUP, (g+1)*GROUP)
-    per channel; program (row, g, 1) their values per token over V_GROUP channels (one launch per flush).
+    per channel; program (row, g, 1) their values per token over V_GROUP channels with V_BITS-bit codes
+    (one launch per flush).
     Tiles are [BLOCK_T tokens, BLOCK_B bytes, 8/BITS channels per byte]: channel = byte*ppb + j, so
     packing is ``sum_j code << BITS*j`` over the last axis."""
     row = tl.program_id(0)
@@ -198,7 +201,7 @@ def _quant_pack_kernel(
         )  # fmt: skip
     else:
         _quant_values_tile(
-            v_ptr, vc_ptr, vs_ptr, vz_ptr, row, grp, n, D, BITS, GROUP, V_GROUP, BLOCK_T, BLOCK_B
+            v_ptr, vc_ptr, vs_ptr, vz_ptr, row, grp, n, D, V_BITS, GROUP, V_GROUP, BLOCK_T, V_BLOCK_B
         )
 
 
@@ -215,6 +218,7 @@ def quantize_append(
     lead: torch.Tensor | None = None,
     start: int = 0,
     kernel=None,
+    v_bits: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize ``k``, ``v`` [B, Hg, n, D] (n a multiple of ``group``) into packed KIVI storage in one
     launch; returns ``{"k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"}`` for the new
@@ -223,8 +227,10 @@ def quantize_append(
 
     >>> new = quantize_append(k_old, v_old, bits=4, group=32, v_group=64)  # doctest: +SKIP
     """
-    if bits not in BITS_ALLOWED:
-        raise ValueError(f"bits={bits} not allowed; choose one of {list(BITS_ALLOWED)}")
+    v_bits = bits if v_bits is None else v_bits
+    for b in (bits, v_bits):
+        if b not in BITS_ALLOWED:
+            raise ValueError(f"bits={b} not allowed; choose one of {list(BITS_ALLOWED)}")
     if k.dim() != 4:
         raise ValueError(f"k: expected [B, Hg, n, D], got shape {tuple(k.shape)}")
     B, Hg, n, D = k.shape
@@ -233,15 +239,15 @@ def quantize_append(
     check_tensor("v", v, (B, Hg, n, D), FLOAT_DTYPES, k.device)
     if group < 1 or n % group:
         raise ValueError(f"group={group}: the {n} tokens to flush must be a positive multiple of it")
-    if v_group < 1 or D % v_group or D % (8 // bits):
-        raise ValueError(f"v_group={v_group}: head_dim {D} must be a multiple of it and of {8 // bits}")
-    row = D * bits // 8
+    if v_group < 1 or D % v_group or D % (8 // bits) or D % (8 // v_bits):
+        raise ValueError(f"v_group={v_group}: head_dim {D} must be a multiple of it and of {8 // min(bits, v_bits)}")
+    row, v_row = D * bits // 8, D * v_bits // 8
     dev = k.device
     out = {
         "k_codes": torch.empty(B, Hg, n, row, dtype=torch.uint8, device=dev),
         "k_scale": torch.empty(B, Hg, n // group, D, dtype=torch.float16, device=dev),
         "k_zero": torch.empty(B, Hg, n // group, D, dtype=torch.float16, device=dev),
-        "v_codes": torch.empty(B, Hg, n, row, dtype=torch.uint8, device=dev),
+        "v_codes": torch.empty(B, Hg, n, v_row, dtype=torch.uint8, device=dev),
         "v_scale": torch.empty(B, Hg, n, D // v_group, dtype=torch.float16, device=dev),
         "v_zero": torch.empty(B, Hg, n, D // v_group, dtype=torch.float16, device=dev),
     }
@@ -269,6 +275,8 @@ def quantize_append(
         HAS_LEAD=has_lead,
         BLOCK_T=triton.next_power_of_2(group),
         BLOCK_B=triton.next_power_of_2(row),
+        V_BITS=v_bits,
+        V_BLOCK_B=triton.next_power_of_2(v_row),
         num_warps=4,
     )
     return out

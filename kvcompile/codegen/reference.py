@@ -115,11 +115,13 @@ def decode_quant(
     lead=None,
     k_tail=None,
     v_tail=None,
+    v_bits=None,
 ):
     """Reference of :func:`kvcompile.codegen.decode_quant.decode_quant`: dequantize, then attend over
-    the codes followed by the fp tail (residual and new tokens; tail token t sits at ``Nq + t``)."""
+    the codes followed by the fp tail (residual and new tokens; tail token t sits at ``Nq + t``);
+    ``v_bits`` (default ``bits``) are the value codes' bits."""
     k = dequantize_keys(k_codes, k_scale, k_zero, bits, group)
-    v = dequantize_values(v_codes, v_scale, v_zero, bits, v_group)
+    v = dequantize_values(v_codes, v_scale, v_zero, bits if v_bits is None else v_bits, v_group)
     return decode_full(q, k, v, scale=scale, lead=lead, k_new=k_tail, v_new=v_tail)
 
 

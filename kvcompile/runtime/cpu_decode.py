@@ -31,13 +31,13 @@ def cpu_attend(store: Store, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return None
     if isinstance(store, QuantStore) or (isinstance(store, ComposeStore) and store.sel is None):
         buf = store.buf
-        if buf.n == 0 or buf.dtype != torch.float32 or buf.vg % (8 // buf.s.bits):
+        if buf.n == 0 or buf.dtype != torch.float32 or buf.vg % (8 // buf.s.vbits):
             return None
         c = buf.capacity
         return ck.decode_kivi(
             q, c("k_codes"), c("k_scale"), c("k_zero"), c("v_codes"), c("v_scale"), c("v_zero"),
             buf.k_res, buf.v_res, k, v, bits=buf.s.bits, group=buf.s.group, v_group=buf.vg, nq=buf.nq,
-            scale=scale, pos=c("pos") if buf.with_pos else None, lead=buf.lead,
+            scale=scale, pos=c("pos") if buf.with_pos else None, lead=buf.lead, v_bits=buf.s.vbits,
         )  # fmt: skip
     if isinstance(store, SelectStore) and store.k is not None and not store.s.keeps_score:
         if store.s.observe != "none" and store.s.observe != "window":

@@ -33,10 +33,10 @@ import torch
 
 from ..codegen import reference as ref
 from ..codegen.cache import load_kernel
-from ..codegen.decode_compact import decode_compact, decode_compact_scored, decode_fp8, decode_full
+from ..codegen.decode_compact import ALWAYS_VALID, decode_compact, decode_compact_scored, decode_fp8, decode_full
 from ..codegen.decode_mixed import GroupView, decode_mixed
 from ..codegen.decode_quant import decode_quant
-from ..codegen.keys import KernelKey
+from ..codegen.keys import MIXED_ONLY, KernelKey
 from ..codegen.lower import load_plan_kernels, lower, lower_strategies
 from ..codegen.quant_append import quantize_append
 from ..codegen.schedule import Instr, Schedule
@@ -162,7 +162,7 @@ def _flush_quant(ctx: Ctx, instr: Instr) -> None:
         kx, vx = buf.k_res[:, :, :f], buf.v_res[:, :, :f]
         kernel = ctx.interp.kernel(instr.kernel_uri)[0]
         new = quantize_append(kx, vx, bits=s.bits, group=s.group, v_group=buf.vg, lead=buf.lead, start=buf.nq,
-                              kernel=kernel)  # fmt: skip
+                              kernel=kernel, v_bits=s.vbits)  # fmt: skip
         if ctx.interp.validate:
             want = buf.quantize_ref(f)
             err = max((new[n].float() - want[n].float()).abs().max().item() for n in want)
@@ -170,23 +170,37 @@ def _flush_quant(ctx: Ctx, instr: Instr) -> None:
     buf.commit(new, f)
 
 
-def _group_view(store, strategy, kv_heads, k_new, v_new):
+def _quant_tensors(buf, k_new: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The six KIVI tensors of ``buf`` (dense copies; zero-length before the first flush)."""
+    if buf.nq:
+        return _dense({n: getattr(buf, n) for n in buf.NAMES})
+    B, Hg, _, D = k_new.shape
+    dev, f16 = k_new.device, torch.float16
+    kc = torch.zeros(B, Hg, 0, D * buf.s.bits // 8, dtype=torch.uint8, device=dev)
+    return dict(k_codes=kc, v_codes=kc, k_scale=torch.zeros(B, Hg, 0, D, dtype=f16, device=dev),
+                k_zero=torch.zeros(B, Hg, 0, D, dtype=f16, device=dev),
+                v_scale=torch.zeros(B, Hg, 0, D // buf.vg, dtype=f16, device=dev),
+                v_zero=torch.zeros(B, Hg, 0, D // buf.vg, dtype=f16, device=dev))  # fmt: skip
 
+
+def _group_view(store, strategy, kv_heads, k_new, v_new):
     fmt = strategy.kernel_format()
-    if fmt == "quant":
-        buf = store.buf
-        t = _dense(buf.tensors())
-        if buf.nq == 0:
-            B, Hg, _, D = k_new.shape
-            row = D * buf.s.bits // 8
-            u8 = torch.zeros(B, Hg, 0, row, dtype=torch.uint8, device=k_new.device)
-            f16 = lambda n: torch.zeros(B, Hg, 0, n, dtype=torch.float16, device=k_new.device)  # noqa: E731
-            t = dict(k_codes=u8, v_codes=u8, k_scale=f16(D), k_zero=f16(D), v_scale=f16(D // buf.vg),
-                     v_zero=f16(D // buf.vg))  # fmt: skip
-        kt = k_new if buf.k_res is None else torch.cat([buf.k_res, k_new.to(buf.dtype)], 2)
-        vt = v_new if buf.v_res is None else torch.cat([buf.v_res, v_new.to(buf.dtype)], 2)
-        return GroupView("quant", kv_heads, t, bits=buf.s.bits, group=buf.s.group, v_group=buf.vg, k_tail=kt,
-                         v_tail=vt, tail_pos0=buf.nq)  # fmt: skip
+    if fmt in ("quant", "quant_pos", "mikv"):
+        buf = store.lo if fmt == "mikv" else store.buf
+        t = _quant_tensors(buf, k_new)
+        kt = torch.cat([buf.k_res, k_new.to(buf.dtype)], 2)
+        vt = torch.cat([buf.v_res, v_new.to(buf.dtype)], 2)
+        kw: dict = {}
+        if fmt != "quant":  # positions of codes + residual; the new token is never masked
+            pos = buf.pos.contiguous()
+            t["pos"] = pos
+            new = torch.full_like(pos[:, :, :1], ALWAYS_VALID, dtype=torch.int64).expand(-1, -1, k_new.shape[2])
+            kw["tail_pos"] = torch.cat([pos[:, :, buf.nq :].long(), new], 2)
+        if fmt == "mikv":
+            hi = store.hi
+            t.update(hi_k=hi.k.contiguous(), hi_v=hi.v.contiguous(), hi_pos=hi.pos.contiguous())
+        return GroupView(fmt, kv_heads, t, bits=buf.s.bits, group=buf.s.group, v_group=buf.vg, k_tail=kt,
+                         v_tail=vt, tail_pos0=buf.nq, v_bits=buf.s.vbits, **kw)  # fmt: skip
     return GroupView(fmt, kv_heads, _dense(store.tensors()), k_tail=k_new, v_tail=v_new)
 
 
@@ -194,22 +208,6 @@ def _dense(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous copies of capacity-buffer views: the Triton launchers take dense [B, H, N, ...]
     tensors (passing the buffers' batch/head strides to the kernels would avoid this copy)."""
     return {n: t.contiguous() for n, t in tensors.items()}
-
-
-def _ref_view(q, view, lead, scale):
-
-    t = view.tensors
-    kw = dict(scale=scale, lead=lead)
-    if view.fmt == "quant":
-        args = [t[n] for n in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")]
-        return ref.decode_quant(q, *args, bits=view.bits, group=view.group, v_group=view.v_group,
-                                k_tail=view.k_tail, v_tail=view.v_tail, **kw)  # fmt: skip
-    if view.fmt == "fp8":
-        args = [t[n] for n in ("k", "v", "k_scale", "v_scale")]
-        return ref.decode_fp8(q, *args, k_new=view.k_tail, v_new=view.v_tail, **kw)
-    if view.fmt == "compact":
-        return ref.decode_compact(q, t["k"], t["v"], t["pos"], k_new=view.k_tail, v_new=view.v_tail, **kw)
-    return ref.decode_full(q, t["k"], t["v"], k_new=view.k_tail, v_new=view.v_tail, **kw)
 
 
 def _layer_lead(stores) -> torch.Tensor | None:
@@ -242,18 +240,14 @@ def _attend_decode(ctx: Ctx, instr: Instr) -> None:
         views.append(_group_view(layer.stores[gi], g.strategy, tuple(local[h] for h in g.kv_heads),
                                  ctx.k.index_select(1, kv), ctx.v.index_select(1, kv)))  # fmt: skip
     lead = _layer_lead(layer.stores)
-    if ctx.interp.backend == "torch":
-        out = torch.empty_like(q)
-        for view in views:
-            qi = torch.tensor([h * G + j for h in view.kv_heads for j in range(G)], device=q.device)
-            out.index_copy_(1, qi, _ref_view(q.index_select(1, qi), view, lead, ctx.scale))
-    elif len(views) == 1 and views[0].kv_heads == tuple(range(len(kv_heads))):
+    uniform = len(views) == 1 and views[0].kv_heads == tuple(range(len(kv_heads)))
+    if uniform and views[0].fmt not in MIXED_ONLY:
         v0, kernels = views[0], ctx.interp.kernel(instr.kernel_uri)
         t, kw = v0.tensors, dict(scale=ctx.scale, lead=lead, kernels=kernels)
         if v0.fmt == "quant":
             args = [t[n] for n in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")]
             out = decode_quant(q, *args, bits=v0.bits, group=v0.group, v_group=v0.v_group, k_tail=v0.k_tail,
-                               v_tail=v0.v_tail, **kw)  # fmt: skip
+                               v_tail=v0.v_tail, v_bits=v0.v_bits or v0.bits, **kw)  # fmt: skip
         elif v0.fmt == "fp8":
             out = decode_fp8(
                 q, t["k"], t["v"], t["k_scale"], t["v_scale"], k_new=v0.k_tail, v_new=v0.v_tail, **kw

@@ -143,6 +143,7 @@ def default_instances(context: int) -> list[Strategy]:
         raise ValueError(f"context={context} must be >= 64 for the default grid")
     out: list[Strategy] = [Full(dtype="bfloat16"), FP8()]
     out += [Quant(bits=b, group=32) for b in (8, 4, 2)]
+    out += [Quant(bits=kb, group=32, v_bits=vb) for kb, vb in ((8, 4), (4, 2))]  # keys carry the outliers
     budgets = sorted({max(8, int(context * f)) for f in BUDGET_FRACTIONS}, reverse=True)
     for n in budgets:
         sinks, obs = 4, min(32, n // 4)

@@ -21,7 +21,9 @@ class Quant(Strategy):
     The newest tokens stay in the model dtype: after ``n`` tokens, ``Nq = floor(max(0, n-R)/G)*G``
     are quantized and ``Nr = n - Nq`` form the residual; when the residual reaches ``R + G`` its
     oldest ``G`` tokens are flushed (quantized). ``residual=None`` means ``R = group``;
-    ``v_group=None`` means one value group per token (``v_group = head_dim``).
+    ``v_group=None`` means KIVI's value groups of ``group`` channels (``head_dim`` when ``group`` does
+    not divide it). ``v_bits`` quantizes values with other bits than keys (e.g. K4V2, K8V4: keys
+    carry the outliers KIVI quantizes per channel); ``None`` means ``bits``.
     """
 
     name: ClassVar[str] = "quant"
@@ -32,6 +34,7 @@ class Quant(Strategy):
     group: int = 32
     residual: int | None = None
     v_group: int | None = None
+    v_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.residual is None:
@@ -44,23 +47,43 @@ class Quant(Strategy):
         check_range("residual", self.residual, lo=0, hi=1 << 20)
         if self.v_group is not None:
             check_range("v_group", self.v_group, lo=1, hi=1 << 16)
+        if self.v_bits is not None:
+            check_range("v_bits", self.v_bits, allowed=qr.BITS)
+
+    @property
+    def vbits(self) -> int:
+        """Bits of the value codes (``v_bits`` resolved)."""
+        return self.bits if self.v_bits is None else self.v_bits
+
+    def to_spec(self) -> dict:
+        spec = super().to_spec()
+        if self.v_bits is None:  # symmetric specs (and plan hashes) read as before v_bits existed
+            del spec["v_bits"]
+        return spec
+
+    def label(self) -> str:
+        base = f"quant(bits={self.bits},group={self.group},residual={self.residual},v_group={self.v_group}"
+        return base + ("" if self.v_bits is None else f",v_bits={self.v_bits}") + ")"
 
     def short_label(self) -> str:
         """``q4/g32`` (+ ``/r<R>`` when the residual is not ``group``, ``/vg<n>`` for value groups)."""
-        return f"q{self.bits}/g{self.group}{self._extras()}"
+        return f"{self._bits_tag()}/g{self.group}{self._extras()}"
+
+    def _bits_tag(self) -> str:
+        return f"q{self.bits}" if self.vbits == self.bits else f"k{self.bits}v{self.vbits}"
 
     def short_suffix(self) -> str:
         """The part a composition appends: ``q4`` at the default group of 32, else as ``short_label``."""
-        return f"q{self.bits}{self._extras()}" if self.group == 32 else self.short_label()
+        return f"{self._bits_tag()}{self._extras()}" if self.group == 32 else self.short_label()
 
     def _extras(self) -> str:
         r = "" if self.r == self.group else f"/r{self.r}"
         return r + ("" if self.v_group is None else f"/vg{self.v_group}")
 
     def validate_for(self, *, head_dim: int, context: int | None = None) -> None:
-        ppb = 8 // self.bits
-        if head_dim % ppb:
-            raise ValueError(f"bits={self.bits}: head_dim={head_dim} must be divisible by {ppb} (packing)")
+        for name, b in (("bits", self.bits), ("v_bits", self.vbits)):
+            if head_dim % (8 // b):
+                raise ValueError(f"{name}={b}: head_dim={head_dim} must be divisible by {8 // b} (packing)")
         if head_dim % self.vg(head_dim):
             raise ValueError(f"v_group={self.v_group} must divide head_dim={head_dim}")
         if context is not None and self.r + self.group > context:
@@ -73,7 +96,9 @@ class Quant(Strategy):
         return self.group if self.residual is None else self.residual
 
     def vg(self, head_dim: int) -> int:
-        return self.v_group or head_dim
+        if self.v_group is not None:
+            return self.v_group
+        return self.group if self.group <= head_dim and head_dim % self.group == 0 else head_dim
 
     def split(self, tokens: int) -> tuple[int, int]:
         """(quantized, residual) token counts after ``tokens`` tokens."""
@@ -82,7 +107,7 @@ class Quant(Strategy):
 
     def quantized_bytes(self, nq: int, head_dim: int) -> int:
         """Bytes of ``nq`` quantized tokens (codes + float16 scales/zeros of K and V)."""
-        codes = 2 * nq * head_dim * self.bits // 8
+        codes = nq * head_dim * (self.bits + self.vbits) // 8
         k_meta = (nq // self.group) * head_dim * 2 * 2
         v_meta = nq * (head_dim // self.vg(head_dim)) * 2 * 2
         return codes + k_meta + v_meta
@@ -106,7 +131,7 @@ class KiviBuffer:
     """KIVI storage of a head group; the tensors are the FIXED layout the kernels read.
 
     ``k_codes`` uint8 [B, Hg, Nq, D*bits/8], ``k_scale``/``k_zero`` float16 [B, Hg, Nq/G, D];
-    ``v_codes`` uint8 [B, Hg, Nq, D*bits/8], ``v_scale``/``v_zero`` float16 [B, Hg, Nq, D/v_group];
+    ``v_codes`` uint8 [B, Hg, Nq, D*v_bits/8], ``v_scale``/``v_zero`` float16 [B, Hg, Nq, D/v_group];
     ``k_res``/``v_res`` [B, Hg, Nr, D] model dtype (the newest tokens, in order after the codes);
     ``pos`` int32 [B, Hg, Nq+Nr] only for compositions (original positions, -1 = empty slot).
     Slot validity: ``pos >= 0`` when ``pos`` is kept, else ``slot >= lead[b]`` (left padding).
@@ -170,9 +195,9 @@ class KiviBuffer:
         cap_r = max(r_slots, s.r + G) if r_slots > old_r or old_r > 2 * (s.r + G) else old_r
         if cap_q == old_q and cap_r == old_r:
             return
-        row, f16 = D * s.bits // 8, torch.float16
-        shapes = {
-            "k_codes": ((cap_q, row), torch.uint8), "v_codes": ((cap_q, row), torch.uint8),
+        row, v_row, f16 = D * s.bits // 8, D * s.vbits // 8, torch.float16
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            "k_codes": ((cap_q, row), torch.uint8), "v_codes": ((cap_q, v_row), torch.uint8),
             "k_scale": ((cap_q // G, D), f16), "k_zero": ((cap_q // G, D), f16),
             "v_scale": ((cap_q, D // self.vg), f16), "v_zero": ((cap_q, D // self.vg), f16),
             "k_res": ((cap_r, D), self.dtype), "v_res": ((cap_r, D), self.dtype),
@@ -213,7 +238,7 @@ class KiviBuffer:
         self._alloc(k, self.nq, self.nr + T)
         self._cap["k_res"][:, :, self.nr : self.nr + T] = k
         self._cap["v_res"][:, :, self.nr : self.nr + T] = v
-        if self.with_pos:
+        if pos is not None:
             self._cap["pos"][:, :, self.n : self.n + T] = pos
         self.nr += T
 
@@ -225,7 +250,7 @@ class KiviBuffer:
         """The reference quantization of the oldest ``f`` residual tokens (codes, scales, zeros)."""
         key_ok = self.slot_ok(self.nq, self.nq + f)[..., None]
         kq = qr.quantize_keys(self._cap["k_res"][:, :, :f], self.s.bits, self.s.group, key_ok)
-        vq = qr.quantize_values(self._cap["v_res"][:, :, :f], self.s.bits, self.vg)
+        vq = qr.quantize_values(self._cap["v_res"][:, :, :f], self.s.vbits, self.vg)
         return dict(zip(self.NAMES, kq + vq, strict=True))
 
     def commit(self, new: dict[str, torch.Tensor], f: int) -> None:
@@ -258,7 +283,7 @@ class KiviBuffer:
         k_res, v_res = self.k_res, self.v_res
         if self.nq:
             kq = qr.dequantize_keys(self.k_codes, self.k_scale, self.k_zero, s.bits, s.group).to(self.dtype)
-            vq = qr.dequantize_values(self.v_codes, self.v_scale, self.v_zero, s.bits, self.vg).to(self.dtype)
+            vq = qr.dequantize_values(self.v_codes, self.v_scale, self.v_zero, s.vbits, self.vg).to(self.dtype)
             k, v = torch.cat([kq, k_res], dim=2), torch.cat([vq, v_res], dim=2)
         else:
             k, v = k_res, v_res
