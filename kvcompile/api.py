@@ -249,7 +249,10 @@ def _store_dtype(program: Program, kv_dtype: Any) -> Program:
     name = str(kv_dtype).removeprefix("torch.")
     if name not in ("float32", "bfloat16", "float16") or name not in DTYPE_BYTES:
         raise SettingsError(f"kv_dtype={kv_dtype!r} must be 'float32', 'bfloat16' or 'float16'")
-    return dataclasses.replace(program, sites=tuple(dataclasses.replace(s, dtype=name) for s in program.sites))
+    # the plan is for a model whose cache is kv_dtype: the model record says so too (bytes are checked against
+    # it on load); make_cache on the calibration copy notes the dtype difference (PlanWarning)
+    return dataclasses.replace(program, model=dataclasses.replace(program.model, dtype=name),
+                               sites=tuple(dataclasses.replace(s, dtype=name) for s in program.sites))
 
 
 def find_tokenizer(model: torch.nn.Module) -> Any | None:

@@ -59,3 +59,17 @@ def test_plain_module_finds_its_tokenizer_and_calibrates(smol, tmp_path, monkeyp
     assert plan.predicted["damage_source"] == "calibration"
     assert plan.measured is not None and plan.measured["samples"] >= 1
     assert not any(n.startswith("UNVERIFIED") for n in plan.notes)
+
+
+def test_kv_dtype_plans_a_bf16_cache_on_an_fp32_copy(tmp_path):
+    from kvcompile.plan import load
+
+    model = _tiny_llama()  # float32 weights
+    plan = optimize(model, context=256, kv_budget=0.9, progress=False, candidates=SPECS, damage="priors",
+                    kv_dtype="bfloat16")
+    assert plan.model.dtype == "bfloat16" and plan.config.planner.kv_dtype == "bfloat16"
+    assert plan.predicted["full_kv_bytes_at_context"] == plan.predicted["full_bf16_kv_bytes_at_context"]
+    plan.save(tmp_path / "p.kvplan")
+    assert load(tmp_path / "p.kvplan").content_hash == plan.content_hash  # bytes consistent on load
+    with pytest.raises(ValueError, match="kv_dtype"):
+        optimize(model, context=256, kv_budget=0.9, progress=False, damage="priors", kv_dtype="int4")
