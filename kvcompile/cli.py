@@ -127,6 +127,11 @@ def _compile(args: argparse.Namespace) -> int:
         f"plan KV  {fmt_bytes(pr['kv_bytes_at_context'])} at context "
         f"({pr['kv_bytes_at_context'] / pr['full_kv_bytes_at_context']:.3f} x full)"
     )
+    if plan.engine:
+        e, ep = plan.engine, plan.engine["predicted"]
+        print(f"engine   {e['name']} {e['version']} ({e['platform']}): predicted KV capacity "
+              f"{ep['capacity_ratio_vs_auto']:.2f}x kv_cache_dtype=auto ({ep['tokens']} tokens in "
+              f"{ep['memory_bytes'] >> 20} MiB)")
     print(f"wrote    {out} (hash {plan.content_hash[:12]}) in {dt:.1f} s")
     if pr.get("damage_source") == "priors":
         print("UNVERIFIED: strategies chosen from literature priors, not measured on this model")

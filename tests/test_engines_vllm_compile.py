@@ -110,13 +110,14 @@ def test_window_capacity_counts_vllm_reservation_and_group_padding():
     assert b["concurrency"] == pytest.approx((geo["memory_bytes"] // (384 * 64 * 12)) / (64 + 2 * need_w))
 
 
-def test_engine_compile_is_per_layer_uniform_and_recorded(tmp_path):
+def test_engine_compile_is_per_layer_uniform_and_recorded(tmp_path, capsys):
     from kvcompile.cli import main
     from kvcompile.plan import load
 
     out = tmp_path / "8b.kvplan"
     argv = ["compile", "llama-3-8b", "--target", "cpu", "--kv-budget", "0.3", "--engine", "vllm", "--no-progress"]
     assert main([*argv, "-o", str(out)]) == 0
+    assert "predicted KV capacity" in capsys.readouterr().out
     plan = load(out)
     assert plan.engine["name"] == "vllm" and plan.engine["version"]
     settings = ev.layer_settings(plan)
