@@ -364,8 +364,11 @@ class Plan(BaseModel):
 
     # ---- hashing and files --------------------------------------------------------------------
     def compute_hash(self) -> str:
-        # ``engine`` is hashed only when set, so plans written before the field existed keep their hash
+        # fields added after schema 1 (``engine``, ``config.planner``) are hashed only when they differ
+        # from their default, so plans written before they existed keep their hash
         body = self.model_dump(mode="json", exclude={"content_hash"} | ({"engine"} if self.engine is None else set()))
+        if self.config.planner == PlannerOptions():
+            body["config"].pop("planner", None)
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)  # NaN has no JSON form
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -482,7 +485,7 @@ def _verify_codegen(plan: Plan) -> None:
             if set(rec) - {"source", "sha256", "key"}:
                 raise PlanError(f"kernel {uri}: unknown fields {sorted(set(rec) - {'source', 'sha256', 'key'})}")
             if rec.get("key") != sched.kernels[uri]:
-                raise PlanError(f"kernel {uri}: its key is not the one the schedule needs")
+                raise PlanError(f"kernel {uri}: key is not the one the schedule needs (edited, or another kvcompile)")
             src = render(KernelKey.from_json(dict(sched.kernels[uri])))
             if rec.get("source") is not None and rec["source"] != src:
                 raise PlanError(f"kernel {uri}: embedded source differs from this kvcompile's rendering of its key "

@@ -156,7 +156,7 @@ EDITS = [
     (lambda r: r["schedule"].pop(), "schedule has"),
     (lambda r: next(iter(r["kernels"].values())).update(sha256=None, source="import os\n"), "embedded source"),
     (lambda r: next(iter(r["kernels"].values())).update(sha256="0" * 64, source=None), "recorded sha256"),
-    (lambda r: next(iter(r["kernels"].values()))["key"].update(head_dim=32), "its key is not"),
+    (lambda r: next(iter(r["kernels"].values()))["key"].update(head_dim=32), "key is not the one"),
     (lambda r: r["kernels"].update(x={"key": {}}), "'x' is not used by the schedule"),
     (lambda r: r["kernels"].pop(sorted(r["kernels"])[0]), "is missing"),
     (lambda r: r["layers"].extend([r["layers"][0]] * (MAX_LAYERS + 1)), "layers"),
@@ -318,3 +318,13 @@ def test_make_cache_checks_in_memory_edits(plan, tiny):
     bad = plan.model_copy(update={"layers": plan.layers[:1]})
     with pytest.raises(PlanError, match="1 layers"):
         make_cache(bad, copy.deepcopy(tiny))
+
+
+def test_fields_added_after_schema_1_keep_old_hashes(plan, tmp_path):
+    """A plan written before ``config.planner`` / ``engine`` existed (neither key in the file) still loads."""
+    raw = json.loads(plan.to_json())
+    raw["config"].pop("planner")
+    raw.pop("engine", None)
+    body = json.dumps({k: v for k, v in raw.items() if k != "content_hash"}, sort_keys=True, separators=(",", ":"))
+    raw["content_hash"] = hashlib.sha256(body.encode()).hexdigest()  # the hash as the old writer computed it
+    assert load(_write(tmp_path, raw)) == plan
