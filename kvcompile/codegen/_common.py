@@ -17,12 +17,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .formats import FORMATS
+
 LOG2E = 1.4426950408889634
 
 # main-region storage formats (constexpr ids shared by the dense, quant and mixed kernels)
-FMT_FULL, FMT_FP8, FMT_COMPACT, FMT_QUANT, FMT_QUANT_POS, FMT_MIKV = 0, 1, 2, 3, 4, 5
-FORMAT_IDS = {"full": FMT_FULL, "fp8": FMT_FP8, "compact": FMT_COMPACT, "quant": FMT_QUANT,
-              "quant_pos": FMT_QUANT_POS, "mikv": FMT_MIKV}  # fmt: skip
+FMT_FULL, FMT_FP8, FMT_COMPACT, FMT_QUANT, FMT_QUANT_POS, FMT_MIKV = (FORMATS[n].fid for n in FORMATS)
+FORMAT_IDS = {name: f.fid for name, f in FORMATS.items()}  # the kernels branch on these constants
 
 
 @triton.jit

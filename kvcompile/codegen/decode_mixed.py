@@ -30,7 +30,6 @@ import triton.language as tl
 from ._common import (
     FMT_COMPACT,
     FMT_FP8,
-    FMT_FULL,
     FMT_MIKV,
     FMT_QUANT,
     FMT_QUANT_POS,
@@ -52,6 +51,7 @@ from ._launch import (
 )
 from .decode_compact import ALWAYS_VALID, _dense_tokens
 from .decode_quant import _quant_tokens, check_quant_layout
+from .formats import FORMATS, MAX_SLOT_TENSORS
 
 
 @triton.jit
@@ -131,14 +131,7 @@ def _decode_mixed_kernel(
 
 SOURCES = (_decode_mixed_kernel,)
 
-_SLOT_TENSORS = {
-    FMT_FULL: ("k", "v"),
-    FMT_FP8: ("k", "v", "k_scale", "v_scale"),
-    FMT_COMPACT: ("k", "v", "pos"),
-    FMT_QUANT: ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"),
-    FMT_QUANT_POS: ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos"),
-    FMT_MIKV: ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "hi_k", "hi_v", "hi_pos"),
-}
+_SLOT_TENSORS = {f.fid: f.tensors for f in FORMATS.values()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +200,7 @@ def _slot_args(g: GroupView, B: int, D: int, dev: torch.device):
         if fid == FMT_COMPACT:
             check_tensor(f"compact{g.kv_heads}.pos", t["pos"], (B, Hg, n), (torch.int32, torch.int64), dev)
     names = _SLOT_TENSORS[fid]
-    tensors = tuple(t[names[i]] if i < len(names) else t[names[0]] for i in range(10))
+    tensors = tuple(t[names[i]] if i < len(names) else t[names[0]] for i in range(MAX_SLOT_TENSORS))
     kt, vt, nt = tail_args(g.k_tail, g.v_tail, B, Hg, D, dev)
     tail_pos = kt
     if fid in (FMT_QUANT_POS, FMT_MIKV):

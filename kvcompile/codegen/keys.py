@@ -12,6 +12,8 @@ import dataclasses
 import re
 from typing import Any
 
+from .formats import FORMATS
+
 KINDS = (
     "decode_full",
     "decode_fp8",
@@ -23,9 +25,9 @@ KINDS = (
 )
 DTYPE_TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 # strategy kernel formats served by kernels; any other format runs its store's torch reference
-KERNEL_FORMATS = ("full", "fp8", "compact", "quant", "quant_pos", "mikv")
-QUANT_FORMATS = ("quant", "quant_pos", "mikv")  # slots carrying KIVI parameters
-MIXED_ONLY = ("quant_pos", "mikv")  # served by the mixed launch even alone
+KERNEL_FORMATS = tuple(FORMATS)
+QUANT_FORMATS = tuple(n for n, f in FORMATS.items() if f.quant)  # slots carrying KIVI parameters
+MIXED_ONLY = tuple(n for n, f in FORMATS.items() if f.uniform_kind is None)  # the mixed launch even alone
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,9 +136,8 @@ def decode_key(slots: tuple[Slot, ...], head_dim: int, gqa: int, dtype: str) -> 
     """The decode key of a layer whose kernel-served groups have ``slots`` (one slot: a uniform kernel)."""
     if len(slots) == 1 and slots[0].fmt not in MIXED_ONLY:
         s = slots[0]
-        return KernelKey(
-            f"decode_{s.fmt}", head_dim, gqa, dtype, s.bits, s.group, s.v_group, s.residual, v_bits=s.v_bits
-        )
+        kind = FORMATS[s.fmt].uniform_kind or "decode_mixed"
+        return KernelKey(kind, head_dim, gqa, dtype, s.bits, s.group, s.v_group, s.residual, v_bits=s.v_bits)
     return KernelKey("decode_mixed", head_dim, gqa, dtype, slots=slots)
 
 
