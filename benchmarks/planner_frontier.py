@@ -95,25 +95,21 @@ def units(args, ranking) -> list[tuple[int, float | None, str, str, int]]:
     budgets = [float(b) for b in args.budgets.split(",")]
     out: list[tuple[int, float | None, str, str, int]] = []
 
-    def cell(ctx, b, m, n, start=0):
-        for i in range(start, n):  # sample-major: every family gets its i-th sample before any its (i+1)-th
-            for fam in FAMILIES:
-                out.append((ctx, b, m, fam, i))
+    def cells(ctx, methods, n, start=0):
+        # sample-major across the given cells: partial runs stay balanced over families and methods
+        for i in range(start, n):
+            for b, m in methods:
+                for fam in FAMILIES:
+                    out.append((ctx, b, m, fam, i))
 
     def core(ctx):
-        cell(ctx, None, "full", args.n)
-        for b in budgets:
-            cell(ctx, b, "planner", args.n)
+        cells(ctx, [(None, "full")] + [(b, "planner") for b in budgets], args.n)
 
     def screen(ctx):
-        for b in budgets:
-            for m in BASELINES:
-                cell(ctx, b, m, args.screen)
+        cells(ctx, [(b, m) for b in budgets for m in BASELINES], args.screen)
 
     def top3(ctx):
-        for b in budgets:
-            for m in ranking(ctx, b)[:3]:
-                cell(ctx, b, m, args.n, args.screen)
+        cells(ctx, [(b, m) for b in budgets for m in ranking(ctx, b)[:3]], args.n, args.screen)
 
     core(1024)
     screen(1024)
