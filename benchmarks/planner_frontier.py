@@ -348,7 +348,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         s = make_sample(loaded.tokenizer, fam, "test", ctx, j)
         t0 = time.perf_counter()
-        cache = None if p is None else make_cache(p, loaded.model)
+        try:
+            cache = None if p is None else make_cache(p, loaded.model)
+        except PlanError as e:  # the runtime changed under a compiled plan (kernel sources): compile again
+            if m != "planner":
+                raise
+            print(f"stale plan at make_cache: {e}", flush=True)
+            (RES / f"planner_frontier_{ctx}_{b}.kvplan").unlink(missing_ok=True)
+            plans.pop((ctx, b, m), None)
+            p, extra = plan_for(ctx, b, m)
+            cache = make_cache(p, loaded.model)
         r = run_sample(loaded.model, loaded.tokenizer, s, cache)
         r.update(context=ctx, budget=b, method=m, index=j, wall_s=round(time.perf_counter() - t0, 1), **extra)
         extra.pop("compile_s", None)
