@@ -3,6 +3,7 @@
 Usage::
 
     kvcompile eval PLAN [--tasks passkey,niah,ppl] [--lengths 1024,2048,4096] [--samples N] [--json OUT]
+    kvcompile eval PLAN --tasks single,multi,twohop,followup,lm [--split test]   # the shared task library
     kvcompile eval --uniform '{"name": "quant", "bits": 4}' [--model smollm2-135m] ...
     kvcompile eval --dynamic ...        # transformers' DynamicCache, the uncompressed reference
 
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .tasks import TASKS, evaluate
+from .tasks import DEFAULT_TASKS, TASKS, evaluate
 
 
 def _ints(text: str) -> list[int]:
@@ -50,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic", action="store_true", help="transformers' DynamicCache (uncompressed reference)"
     )
     p.add_argument("--model", default=None, help="model spec for kvcompile.models.load (default: the plan's)")
-    p.add_argument("--tasks", type=_tasks, default=list(TASKS), help="comma list of passkey,niah,ppl")
+    p.add_argument("--tasks", type=_tasks, default=list(DEFAULT_TASKS),
+                   help="comma list of passkey,niah,ppl and the task-library families single,multi,twohop,"
+                   "followup,lm (kvcompile.eval.suite; --lengths and --samples apply)")
+    p.add_argument("--split", default="test", choices=("calib", "verify", "test"),
+                   help="task-library split for the families (the planner calibrates on calib, verifies on verify)")
     p.add_argument(
         "--lengths", type=_ints, default=[1024, 2048, 4096], help="passkey prompt lengths (tokens)"
     )
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             question_aware=args.question_aware,
             progress=not args.no_progress,
+            split=args.split,
         )
     except ValueError as e:
         print(f"kvcompile eval: {e}", file=sys.stderr)

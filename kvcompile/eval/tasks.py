@@ -38,7 +38,9 @@ import torch
 from .data import Sample, is_correct, make_niah_sample, make_passkey_sample, make_ppl_sample, source_info
 
 CacheFactory = Callable[[torch.nn.Module, int], Any]
-TASKS = ("passkey", "niah", "ppl")
+SUITE_TASKS = ("single", "multi", "twohop", "followup", "lm")  # kvcompile.eval.suite families
+DEFAULT_TASKS = ("passkey", "niah", "ppl")
+TASKS = (*DEFAULT_TASKS, *SUITE_TASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,12 +352,34 @@ def perplexity(
     )
 
 
+def suite_result(model: torch.nn.Module, tokenizer: Any, cache_factory: Any, family: str, split: str, length: int,
+                 samples: int, seed: int = 0, progress: bool = False) -> TaskResult:
+    """One :mod:`kvcompile.eval.suite` family at one length: accuracy (retrieval) or ppl (``lm``)."""
+    from . import suite
+
+    factory = as_cache_factory(cache_factory)
+    per_tok = full_bytes_per_token(model)
+    t0 = time.perf_counter()
+    rows = []
+    for s in _progress(suite.samples(tokenizer, family, split, length, samples, seed), progress, f"{family}@{length}"):
+        rows.append({**suite.run_sample(model, tokenizer, s, _new_cache(factory, model, s.length + 2 * suite.MAX_NEW)),
+                     "length": s.length})
+    summary = suite.summarize(rows)[family]
+    known = [r["kv_bytes"] for r in rows if r.get("kv_bytes") is not None]
+    tokens = float(sum(r["length"] for r in rows) / len(rows))
+    return TaskResult(
+        task=family, length=length, n=len(rows), accuracy=summary.get("accuracy"), ppl=summary.get("ppl"),
+        wall_s=time.perf_counter() - t0, kv_bytes=sum(known) / len(known) if len(known) == len(rows) else None,
+        full_kv_bytes=per_tok * tokens, tokens=tokens, details=rows,
+    )
+
+
 # ---- the whole suite --------------------------------------------------------------------------------
 def evaluate(
     plan_or_cache_factory: Any,
     loaded: Any,
     *,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = DEFAULT_TASKS,
     lengths: Sequence[int] = (1024, 2048, 4096),
     samples: int = 5,
     niah_length: int = 2048,
@@ -369,10 +393,13 @@ def evaluate(
     question_aware: bool = False,
     max_new_tokens: int = 10,
     progress: bool = True,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Run ``tasks`` with a plan / plan path / cache factory / None (DynamicCache) on ``loaded``
     (a :class:`kvcompile.models.Loaded`). Returns a JSON-able dict: ``results`` (one entry per task and
-    length, see :class:`TaskResult`), ``config``, ``source`` (the text used) and ``machine``.
+    length, see :class:`TaskResult`), ``config``, ``source`` (the text used) and ``machine``. The suite
+    families (``SUITE_TASKS``: :mod:`kvcompile.eval.suite`, from ``split``) run ``samples`` samples at
+    each of ``lengths``, question-agnostic.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -418,6 +445,9 @@ def evaluate(
                 progress=progress,
             )
         )
+    for fam in (t for t in tasks if t in SUITE_TASKS):
+        for length in lengths:
+            results.append(suite_result(model, tok, factory, fam, split, length, samples, seed, progress))
     return {
         "model": loaded.name,
         "results": [r.to_json() for r in results],
@@ -434,6 +464,7 @@ def evaluate(
             "ppl_samples": ppl_samples,
             "ppl_chunk": ppl_chunk,
             "seed": seed,
+            "split": split,
             "setting": "question-aware" if question_aware else "question-agnostic",
             "max_new_tokens": max_new_tokens,
             "decoding": "greedy",
