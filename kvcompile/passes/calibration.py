@@ -137,13 +137,14 @@ def head_errors(
     if observes(strategy):  # the context's own attention output is not needed, only what the store sees
         # plain selections observe a mass that depends only on (observe, obs_window): computed once per
         # layer (``memo``) and handed to the next store of the same kind (tests/test_calibrate.py)
-        key = (strategy.observe, getattr(strategy, "obs_window", None)) if isinstance(store, SelectStore) else None
-        if memo is not None and key in memo:
-            store._mass = memo[key]
+        sel = store if isinstance(store, SelectStore) else None
+        key = (getattr(strategy, "observe", None), getattr(strategy, "obs_window", None)) if sel else None
+        if sel is not None and memo is not None and key in memo:
+            sel._mass = memo[key]
         else:
             store.attend(q[:, :, c], k[:, :, c], v[:, :, c], valid_c, scale)
-            if memo is not None and key is not None:
-                memo[key] = store._mass
+            if sel is not None and memo is not None:
+                memo[key] = sel._mass
     store.append(k[:, :, c], v[:, :, c], q[:, :, c], valid_c)
     o = slice(context_len, n)
     valid_o = torch.ones(1, t, dtype=torch.bool, device=q.device)

@@ -204,7 +204,7 @@ def kvzip_prefill(model: Any, ids: torch.Tensor, cache: Any, **forward_kw: Any) 
     for li in range(len(cache.layers)):
         for group, store in cache.stores(li):
             if isinstance(store, KVzipStore):
-                store.compact(scores[li][:, list(group.kv_heads)].to(store.pos.device))
+                store.compact(scores[li][:, list(group.kv_heads)])
     return out
 
 
