@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         s = make_sample(loaded.tokenizer, fam, "test", ctx, j)
         t0 = time.perf_counter()
+        if m == "planner":  # a bf16-deployment plan run on its fp32 calibration copy: relabel in memory only
+            p = p.model_copy(update={"model": p.model.model_copy(update={"dtype": "float32"}), "schedule": None,
+                                     "kernels": None})  # re-lowered for float32 by the runtime
         try:
             cache = None if p is None else make_cache(p, loaded.model)
         except PlanError as e:  # the runtime changed under a compiled plan (kernel sources): compile again
