@@ -513,13 +513,18 @@ def check_model(plan: Plan, model: Any, *, strict: bool = False) -> list[str]:
     problems = []
     if plan.model.dtype != model_dtype:
         problems.append(f"plan was compiled for dtype {plan.model.dtype}, the model runs in {model_dtype}")
+    notes = []
     if plan.model.fingerprint != fp:
-        problems.append(f"model fingerprint {fp} differs from the plan's {plan.model.fingerprint[:40]}")
+        msg = f"model fingerprint {fp} differs from the plan's {plan.model.fingerprint[:40]}"
+        if any(hasattr(p, "to_local") for p in params):  # a tensor-parallel rank hashes only its shards
+            notes.append(msg + " (tensor-parallel rank: the fingerprint covers only its own shards)")
+        else:
+            problems.append(msg)
     if problems and not plan.model.on_meta:
         raise PlanError("plan does not match the model: " + "; ".join(problems)
                         + " (the plan was compiled from other real weights; recompile it for this model)")  # fmt: skip
-    notes = [p + " (expected when the plan was compiled from a meta config; predicted bytes use the plan's dtype)"
-             for p in problems]  # fmt: skip
+    notes += [p + " (expected when the plan was compiled from a meta config; predicted bytes use the plan's dtype)"
+              for p in problems]  # fmt: skip
     if strict and notes:
         raise PlanError("strict plan check failed: " + "; ".join(notes))
     return notes
