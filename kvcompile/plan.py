@@ -200,7 +200,7 @@ class Plan(BaseModel):
                 try:
                     row.append(from_spec(spec))
                 except ValueError as e:
-                    raise PlanError(f"layer {lp.layer} head {h}: {e}") from None
+                    raise PlanError(f"layer {lp.layer} head {h}: {_clip(e)}") from None
             out.append(row)
         return out
 
@@ -268,7 +268,7 @@ class Plan(BaseModel):
                 try:
                     strat.validate_for(head_dim=site.head_dim, context=self.config.context)
                 except ValueError as e:
-                    raise PlanError(f"layer {site.layer} head {h}: {strat.label()}: {e}") from None
+                    raise PlanError(f"layer {site.layer} head {h}: {_clip(strat.label())}: {_clip(e)}") from None
                 except Exception as e:  # odd sizes must not crash a strategy's own check
                     raise PlanError(f"layer {site.layer} head {h}: {strat.label()}: {type(e).__name__}") from None
         if derived:
@@ -433,6 +433,12 @@ class _PlacementView(_Lenient):
     binding: Annotated[str, Field(max_length=MAX_NOTE)]
 
 
+def _clip(e: Any, n: int = 300) -> str:
+    """One line of at most ``n`` characters (values inside a plan can be megabytes long)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _short(v: Any, n: int = 40) -> str:
     text = repr(v)
     return text if len(text) <= n else text[: n - 3] + "..."
@@ -440,7 +446,7 @@ def _short(v: Any, n: int = 40) -> str:
 
 def _first_error(e: ValidationError) -> str:
     first = e.errors()[0]
-    return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+    return _clip(f"{'.'.join(_clip(x, 60) for x in first['loc'])}: {first['msg']}")
 
 
 def _verify_codegen(plan: Plan) -> None:
@@ -564,5 +570,5 @@ def load(path: str | os.PathLike[str]) -> Plan:
     try:
         plan.verify()
     except PlanError as e:
-        raise PlanError(f"{path}: {e}") from None
+        raise PlanError(f"{path}: {_clip(e, 600)}") from None
     return plan

@@ -328,3 +328,14 @@ def test_fields_added_after_schema_1_keep_old_hashes(plan, tmp_path):
     body = json.dumps({k: v for k, v in raw.items() if k != "content_hash"}, sort_keys=True, separators=(",", ":"))
     raw["content_hash"] = hashlib.sha256(body.encode()).hexdigest()  # the hash as the old writer computed it
     assert load(_write(tmp_path, raw)) == plan
+
+
+def test_megabyte_values_give_short_messages(plan, tmp_path):
+    raw = _edit(plan, _set(["layers", 0, "heads", 1, "dtype"], "x" * 100_000))
+    with pytest.raises(PlanError, match="not allowed") as e:
+        load(_write(tmp_path, raw))
+    assert len(str(e.value)) < 800
+    raw = _edit(plan, lambda r: r["model"].update({"z" * 100_000: 1}))
+    with pytest.raises(PlanError, match="Extra inputs") as e:
+        load(_write(tmp_path, raw))
+    assert len(str(e.value)) < 800

@@ -249,7 +249,8 @@ def check_range(
 ) -> None:
     """Raise ``ValueError`` naming the parameter when ``value`` is outside its range."""
     if allowed is not None and value not in allowed:
-        raise ValueError(f"{name}={value!r} not allowed; choose one of {list(allowed)}")
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."  # values come from plans
+        raise ValueError(f"{name}={shown} not allowed; choose one of {list(allowed)}")
     if lo is not None and value < lo:
         raise ValueError(f"{name}={value!r} must be >= {lo}")
     if hi is not None and value > hi:
