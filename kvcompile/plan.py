@@ -5,6 +5,13 @@ predicted (bytes, latency) and what verification measured. ``content_hash`` is t
 canonical JSON of every other field, so any edit of the file is detected on load. Writes are
 atomic (temp file + ``os.replace``). No pickle anywhere.
 
+A plan is data from anyone (anyone can recompute a SHA-256), so :func:`load` trusts nothing in it:
+bounded strict JSON, strict typed fields with bounded numbers, then :meth:`Plan.verify` re-derives
+every derived field (layer/head counts, strategy checks, exact byte predictions, placement, the
+schedule and kernel records). Kernel source is never taken from a plan to run (``codegen.cache``
+renders kernels from their keys), and no value of a plan is used as a path. ``make_cache`` also
+calls :func:`check_model` (fingerprint / dtype provenance). docs/bad_inputs.md lists the refusals.
+
 Example
 -------
 >>> plan = load("out.kvplan")                                  # doctest: +SKIP
