@@ -207,11 +207,13 @@ def is_expected(e: BaseException) -> bool:
     Documented: :class:`~kvcompile.plan.PlanError` (bad plan file, incl. ``KernelSourceError``),
     :class:`~kvcompile.plan.SettingsError` (context, batch, budgets, tolerance, objective ...),
     :class:`~kvcompile.targets.TargetError`, :class:`~kvcompile.models.ModelLoadError`,
-    :class:`~kvcompile.capture.CaptureError`, ``OSError`` (files the user named), and a
+    :class:`~kvcompile.capture.CaptureError`, :class:`~kvcompile.engines.EngineError` (a plan or setting the
+    serving engine must not run), ``OSError`` (files the user named), and a
     :class:`~kvcompile.passes.PassError` whose cause is a ``ValueError`` (a pass refusing its input,
     e.g. an infeasible budget). Anything else, e.g. a ``KeyError`` inside a pass, is a bug.
     """
     from .capture import CaptureError
+    from .engines import EngineError
     from .models import ModelLoadError
     from .passes import PassError
     from .plan import PlanError, SettingsError
@@ -219,7 +221,8 @@ def is_expected(e: BaseException) -> bool:
 
     if isinstance(e, PassError):
         return e.__cause__ is None or isinstance(e.__cause__, ValueError)
-    return isinstance(e, (PlanError, SettingsError, TargetError, ModelLoadError, CaptureError, OSError))
+    documented = (PlanError, SettingsError, TargetError, ModelLoadError, CaptureError, EngineError, OSError)
+    return isinstance(e, documented)
 
 
 def _one_line(e: BaseException) -> str:

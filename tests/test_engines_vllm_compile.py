@@ -153,6 +153,14 @@ def test_int4_and_per_head_settings_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_unknown_engine_is_one_line(capsys):
+    from kvcompile.cli import main
+
+    assert main(["compile", "llama-3-8b", "--target", "cpu", "--engine", "tensorrt", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "engine='tensorrt' is not known" in err[0]
+
+
 @pytest.mark.parametrize("case", ["no-engine", "int4", "version"])
 def test_serve_refuses_without_starting_a_server(tmp_path, case):
     spec = {"name": "quant", "bits": 4} if case == "int4" else {"name": "paged", "kv_dtype": "fp8_e4m3"}

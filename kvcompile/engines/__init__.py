@@ -30,9 +30,9 @@ class EngineError(ValueError):
 
 
 def get(name: str) -> ModuleType:
-    """The engine module registered as ``name`` (``ValueError`` naming the known engines otherwise)."""
+    """The engine module registered as ``name`` (:class:`EngineError` naming the known engines otherwise)."""
     if name not in ENGINES:
-        raise ValueError(f"engine={name!r} is not known; choose one of {sorted(ENGINES)}")
+        raise EngineError(f"engine={name!r} is not known; choose one of {sorted(ENGINES)}")
     return importlib.import_module(ENGINES[name])
 
 
