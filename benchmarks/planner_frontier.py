@@ -223,6 +223,57 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def paired_full(rows: list[dict[str, Any]], ctx: int, b: float | None, m: str) -> dict[str, Any]:
+    """Full-cache accuracy per family on exactly the samples (family, index) that cell ran: a paired
+    comparison when the cell has fewer samples than the full cache."""
+    ran = {(r["family"], r["index"]) for r in rows if (r["context"], r["budget"], r["method"]) == (ctx, b, m)}
+    full = [r for r in rows if r["context"] == ctx and r["method"] == "full" and (r["family"], r["index"]) in ran
+            and r["family"] != "lm"]
+    fams: dict[str, list[bool]] = {}
+    for r in full:
+        fams.setdefault(r["family"], []).append(bool(r["correct"]))
+    acc = {f: sum(v) / len(v) for f, v in fams.items()}
+    return {"families": acc, "pooled": sum(acc.values()) / len(acc) if acc else None}
+
+
+def bar(cells: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's bar per (context, budget): at 25 % pooled accuracy within 0.05 of full, no family more
+    than 0.15 below, ppl <= +3 %; at 12.5 % pooled >= 80 % of full and above every baseline. n per cell."""
+    out = []
+    for ctx in sorted({c["context"] for c in cells}):
+        full = next((c for c in cells if c["context"] == ctx and c["method"] == "full"), None)
+        for plan in (c for c in cells if c["context"] == ctx and c["method"] == "planner"):
+            if full is None or plan["pooled_accuracy"] is None:
+                continue
+            b = plan["budget"]
+            gaps = {f: full["families"][f]["accuracy"] - v["accuracy"] for f, v in plan["families"].items()
+                    if f != "lm" and f in full["families"]}
+            ppl = plan["families"].get("lm", {}).get("ppl")
+            ppl_full = full["families"].get("lm", {}).get("ppl")
+            base = {c["method"]: c["pooled_accuracy"] for c in cells
+                    if c["context"] == ctx and c["budget"] == b and c["method"] in BASELINES}
+            row: dict[str, Any] = {
+                "context": ctx, "budget": b, "pooled_plan": plan["pooled_accuracy"],
+                "pooled_full": full["pooled_accuracy"], "family_gaps": gaps,
+                "full_on_the_same_samples": paired_full(rows, ctx, b, "planner"),
+                "ppl_delta": None if ppl is None or ppl_full is None else ppl / ppl_full - 1,
+                "n_plan": {f: v["n"] for f, v in plan["families"].items()},
+                "n_full": {f: v["n"] for f, v in full["families"].items()},
+                "baselines_pooled": base,
+                "baselines_n": {c["method"]: min(v["n"] for v in c["families"].values()) for c in cells
+                                if c["context"] == ctx and c["budget"] == b and c["method"] in BASELINES},
+            }
+            if b == 0.25:
+                row["meets"] = bool(full["pooled_accuracy"] - plan["pooled_accuracy"] <= 0.05
+                                    and all(g <= 0.15 for g in gaps.values())
+                                    and row["ppl_delta"] is not None and row["ppl_delta"] <= 0.03)
+            elif b == 0.125:
+                row["meets"] = bool(plan["pooled_accuracy"] >= 0.8 * full["pooled_accuracy"]
+                                    and all(plan["pooled_accuracy"] > v for v in base.values() if v is not None))
+            out.append(row)
+    return out
+
+
 def merge() -> int:
     from kvcompile.eval.tasks import machine_info
 
@@ -238,8 +289,10 @@ def merge() -> int:
         "compile": [r for r in rows if r.get("compile_s") is not None and r["family"] == "single"
                     and r["index"] == 0],
     }
+    result["bar"] = bar(cells, rows)
     OUT.write_text(json.dumps(result, indent=1))
     plot(cells, OUT.with_suffix(".png"))
+    print(json.dumps(result["bar"], indent=1))
     for c in cells:
         fams = " ".join(f"{f}={v.get('accuracy', v.get('ppl')):.3g}(n{v['n']})" for f, v in c["families"].items())
         pooled = c["pooled_accuracy"]
