@@ -144,16 +144,16 @@ static inline __attribute__((always_inline)) void kivi_body(
             for (int j = 0; j < G; j++) any |= s[j * n + t] != 0.f;
             if (!any) continue;
             unpack(vch + t * vrow_bytes, c, vrow_bytes, vbits);
-            for (int v = 0; v < nvg; v++) {
+            for (int v = 0; v < nvg; v++) {  /* dequantize the row once (planar order) */
                 float sc = (float)vsh[t * nvg + v], zz = (float)vzh[t * nvg + v];
-                for (int j = 0; j < G; j++) {
-                    float pr = s[j * n + t], a = pr * sc, bz = pr * zz;
-                    for (int p = 0; p < vppb; p++) {
-                        float* aj = acc[j] + p * vrow_bytes + v * vrow;
-                        const float* cv = c + p * vrow_bytes + v * vrow;
-                        for (int d = 0; d < vrow; d++) aj[d] += a * cv[d] + bz;
-                    }
+                for (int p = 0; p < vppb; p++) {
+                    float* cv = c + p * vrow_bytes + v * vrow;
+                    for (int d = 0; d < vrow; d++) cv[d] = cv[d] * sc + zz;
                 }
+            }
+            for (int j = 0; j < G; j++) {
+                float pr = s[j * n + t];
+                for (int d = 0; d < D; d++) acc[j][d] += pr * c[d];
             }
         }
         float* oh = out + ((long)b * H + h) * G * D;
