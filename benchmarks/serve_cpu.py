@@ -135,6 +135,7 @@ def _post(url: str, body: dict[str, Any], timeout: float = 300) -> tuple[dict[st
 
 
 def serve_and_load(plan: str, clients: int, requests: int, timeout_s: float, log: Path) -> dict[str, Any]:
+    log.parent.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     cmd = [sys.executable, "-m", "kvcompile.cli", "serve", plan, "--port", str(port), "--kv-cache-memory", str(MEM)]
     with open(log, "w") as fh:
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config, {k: v for k, v in res["configs"][config].items() if k not in ("eval", "plan_measured")},
               flush=True)
     if args.serve and not args.only_emulate:
-        s = serve_and_load(args.serve, args.clients, args.requests, args.timeout, RESULTS.with_suffix(".server.log"))
+        s = serve_and_load(args.serve, args.clients, args.requests, args.timeout, Path("out") / "serve_cpu.server.log")
         res["serve"] = s
         auto = res["configs"]["auto"].get("kv_cache_tokens")
         load_ = s.get("load", {})

@@ -51,6 +51,9 @@ REGISTRY: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Full, FP8, Quant, SinkWindow, HeavyHitter, SnapKV, ThinK, Compose, MiKV, Paged)
 }
 REGISTRY.update({cls.name: cls for cls in (KVzip, KNorm)})  # strategies/kvzip.py (planner issue)
+# a serving engine's own cache formats: candidates only when compiling for that engine (kvcompile.engines),
+# never in the library grid below
+ENGINE_ONLY = frozenset({Paged.name})
 
 
 def from_spec(spec: Mapping[str, Any], _depth: int = 0) -> Strategy:
@@ -164,6 +167,7 @@ def default_instances(context: int) -> list[Strategy]:
 
 
 __all__ = [
+    "ENGINE_ONLY",
     "default_instances",
     "REGISTRY",
     "Store",
