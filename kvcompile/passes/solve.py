@@ -135,6 +135,7 @@ def predict_costs(program: Program, ctx: PassContext) -> Program:
         pred["prefill_s_without_kvzip"] = pred["prefill_s"]
         pred["prefill_s"] = 3 * pred["prefill_s"]
         pred["kvzip_prefill_passes"] = 3
+    if "solve" in program.facts:
         pred["predicted_damage"] = program.facts["solve"]["objective"]
         # no wall time here: the same input must give a byte-identical plan
         pred["solver"] = {k: program.facts["solve"][k] for k in ("status", "gap", "budget", "num_vars")}
