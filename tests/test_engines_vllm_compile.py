@@ -22,16 +22,19 @@ def test_candidates_are_only_what_cpu_attn_executes_correctly():
     assert all(isinstance(c, Paged) for c in cands)
     assert {c.kv_dtype for c in cands} == {"bfloat16", "fp8_e4m3"}
     assert {c.window for c in cands} == {None, ev.window_for(4096)}
+    # windows come with sink tokens (kept blocks + sink attention in the plugin), costed as vLLM holds them
+    win = next(c for c in cands if c.window)
+    assert 4 <= win.sinks <= 16 and win.reserve >= ev.reserve_for(win.window, 4096, 128) + 128
     with pytest.raises(ValueError, match="not known"):
         get("tensorrt")
 
 
-def _windowed_reference(q, k, v, window, scale):
-    """Attention of the last q.shape[2] positions over all keys with the mask i - W < j <= i."""
+def _windowed_reference(q, k, v, window, scale, sinks=0):
+    """Attention of the last q.shape[2] positions over all keys with the mask j <= i, (i - W < j or j < S)."""
     N, T = k.shape[2], q.shape[2]
     qpos = torch.arange(N - T, N)[:, None]
     kpos = torch.arange(N)[None, :]
-    ok = (kpos <= qpos) & (kpos > qpos - window)
+    ok = (kpos <= qpos) & ((kpos > qpos - window) | (kpos < sinks))
     s = torch.einsum("bhtd,bhnd->bhtn", q.float(), k.float()) * scale
     p = torch.softmax(s.masked_fill(~ok, -math.inf), dim=-1)
     return torch.einsum("bhtn,bhnd->bhtd", p, v.float())
@@ -55,11 +58,11 @@ def test_fp8_encoding_rounds_toward_zero_on_the_e4m3_grid():
     assert torch.equal(e4m3_truncate(x).to(torch.float8_e4m3fn).float(), e4m3_truncate(x))
 
 
-@pytest.mark.parametrize("kv_dtype", ["bfloat16", "fp8_e4m3"])
-def test_paged_store_window_and_format_match_the_engine_semantics(kv_dtype):
+@pytest.mark.parametrize("kv_dtype, sinks", [("bfloat16", 0), ("fp8_e4m3", 0), ("bfloat16", 4), ("fp8_e4m3", 4)])
+def test_paged_store_window_and_format_match_the_engine_semantics(kv_dtype, sinks):
     torch.manual_seed(0)
     B, H, D, W, n_pre, n_dec = 1, 2, 32, 16, 37, 5
-    s = Paged(kv_dtype=kv_dtype, window=W)
+    s = Paged(kv_dtype=kv_dtype, window=W, sinks=sinks)
     store = s.new_store(batch=B, num_heads=H, head_dim=D, gqa=1, dtype=torch.float32, device=torch.device("cpu"))
     k = torch.randn(B, H, n_pre + n_dec, D) * 3
     v = torch.randn(B, H, n_pre + n_dec, D)
@@ -72,15 +75,16 @@ def test_paged_store_window_and_format_match_the_engine_semantics(kv_dtype):
     scale = D**-0.5
     out = store.attend(q[:, :, :n_pre], k[:, :, :n_pre], v[:, :, :n_pre], torch.ones(B, n_pre, dtype=torch.bool), scale)
     store.append(k[:, :, :n_pre], v[:, :, :n_pre], q[:, :, :n_pre], torch.ones(B, n_pre, dtype=torch.bool))
-    ref = _windowed_reference(q[:, :, :n_pre], kq[:, :, :n_pre], vq[:, :, :n_pre], W, scale)
+    ref = _windowed_reference(q[:, :, :n_pre], kq[:, :, :n_pre], vq[:, :, :n_pre], W, scale, sinks)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     for t in range(n_pre, n_pre + n_dec):
         one = torch.ones(B, 1, dtype=torch.bool)
         out = store.attend(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], one, scale)
         store.append(k[:, :, t : t + 1], v[:, :, t : t + 1], q[:, :, t : t + 1], one)
-        ref = _windowed_reference(q[:, :, t : t + 1], kq[:, :, : t + 1], vq[:, :, : t + 1], W, scale)
+        ref = _windowed_reference(q[:, :, t : t + 1], kq[:, :, : t + 1], vq[:, :, : t + 1], W, scale, sinks)
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert store.nbytes() == s.bytes_for(n_pre + n_dec, D, 4) * B * H
+    assert store.k.shape[2] == sinks + W - 1  # the sinks are kept besides the window
     # and a window that is too short to see the first tokens does differ from full attention
     full, _ = reference_attention(q[:, :, -1:], kq, vq, None, scale)
     assert (out - full).abs().max() > 1e-3
@@ -105,9 +109,12 @@ def test_window_capacity_counts_vllm_reservation_and_group_padding():
     win = [{"kv_cache_dtype": "fp8_e4m3", "sliding_window": 256}]
     a = ev.predict_capacity(full * 10 + win * 20, **geo)
     b = ev.predict_capacity(full * 12 + win * 18, **geo)  # 18 windows padded to 2 groups of 12
+    sunk = ev.predict_capacity(full * 12 + [{**win[0], "sinks": 16}] * 18, **geo)
+    assert sunk["tokens"] < b["tokens"]  # one kept sink block per windowed group and request
     need_w = math.ceil((255 + ev.IN_FLIGHT) / 64) + 1
     assert a["concurrency"] == pytest.approx((geo["memory_bytes"] // (384 * 64 * 10)) / (64 + 2 * need_w))
     assert b["concurrency"] == pytest.approx((geo["memory_bytes"] // (384 * 64 * 12)) / (64 + 2 * need_w))
+    assert sunk["concurrency"] == pytest.approx((geo["memory_bytes"] // (384 * 64 * 12)) / (64 + 2 * (need_w + 1)))
 
 
 def test_engine_compile_is_per_layer_uniform_and_recorded(tmp_path, capsys):

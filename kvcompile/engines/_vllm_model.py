@@ -6,13 +6,15 @@ The plan path comes from the model config (``hf_overrides={"kvcompile_plan": PAT
 executes correctly, geometry) before any layer is built, so a bad plan stops vLLM at start-up with one
 line. Each layer's ``Attention`` is then re-created under its own layer name with the plan's cache dtype
 and sliding window: vLLM derives every layer's KV-cache spec (page size, window) from these objects, so
-its allocator, scheduler and CPU_ATTN kernels see the plan without any change to vLLM.
+its allocator, scheduler and CPU_ATTN kernels see the plan without any change to vLLM. A layer with sink
+tokens also gets ``_vllm_sinks``' KV spec (its manager keeps the sink blocks) and attention (sinks + window).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import types
 
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
@@ -21,6 +23,7 @@ from vllm.platforms import current_platform
 
 from ..plan import load
 from . import EngineError
+from . import _vllm_sinks as sinks
 from .vllm import PLAN_ENV, installed_version, layer_settings
 
 
@@ -53,6 +56,10 @@ class KVCompileForCausalLM(LlamaForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kw) -> None:
         settings = plan_settings(vllm_config.model_config.hf_config)
+        if any(st.get("sinks") for st in settings):
+            if not current_platform.is_cpu():
+                raise EngineError("sink + window layers are implemented for vLLM's CPU_ATTN only")
+            sinks.register()
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kw)
         forward_context = vllm_config.compilation_config.static_forward_context
         for layer, setting in zip(self.model.layers, settings, strict=True):
@@ -72,3 +79,19 @@ class KVCompileForCausalLM(LlamaForCausalLM):
                 per_layer_sliding_window=setting["sliding_window"],
                 prefix=old.layer_name,
             )
+            if setting.get("sinks"):
+                _with_sinks(block.attn, setting["sinks"])
+
+
+def _with_sinks(attn: Attention, n: int) -> None:
+    """Give ``attn`` the sink KV spec (its blocks ``< n`` are kept) and the sink + window attention."""
+    if type(attn.impl) is not sinks.CPUAttentionBackendImpl:
+        raise EngineError(f"{attn.layer_name}: sink + window needs CPU_ATTN, vLLM chose {type(attn.impl).__name__}")
+    attn.impl.__class__ = sinks.SinkWindowImpl
+    attn.impl.sink_tokens = n
+    plain = attn.get_kv_cache_spec
+
+    def get_kv_cache_spec(self, vllm_config):
+        return sinks.sink_window_spec(plain(vllm_config), n)
+
+    attn.get_kv_cache_spec = types.MethodType(get_kv_cache_spec, attn)

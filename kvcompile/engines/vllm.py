@@ -46,6 +46,7 @@ BLOCK_SIZE = {"cpu": 64, "gpu": 16}  # tokens per block (CPU_ATTN wants a multip
 IN_FLIGHT = 128  # max_num_batched_tokens the plan is built for (a window layer holds W - 1 + this)
 MAX_NUM_SEQS = 64
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
+SINKS = 16  # sink tokens of a windowed layer (StreamingLLM keeps 4; up to a block costs the same)
 
 
 # ---- compile side ----------------------------------------------------------------------------------------
@@ -85,8 +86,13 @@ def candidates(context: int, target: Any) -> list[Strategy]:
     out: list[Strategy] = [Paged(kv_dtype=dt) for dt in CORRECT[plat]]
     if w < context:
         # windows in fp8 only: a bf16 window holds more bytes for the same tokens, and with any bf16 layer in
-        # the model vLLM doubles fp8 layers' block to equalise page bytes (the reserve assumes that case)
-        out.append(Paged(kv_dtype="fp8_e4m3", window=w, reserve=reserve_for(w, context, 2 * BLOCK_SIZE[plat])))
+        # the model vLLM doubles fp8 layers' block to equalise page bytes (the reserve assumes that case).
+        # With sink tokens (CPU_ATTN: engines/_vllm_sinks.py): a window without sinks loses long-range recall
+        # (measured: ppl x5 at 2048 tokens), and SINKS tokens cost the same one kept block as 4 would.
+        block = 2 * BLOCK_SIZE[plat]
+        sinks = SINKS if plat == "cpu" else 0
+        reserve = reserve_for(w, context, block) + math.ceil(sinks / block) * block
+        out.append(Paged(kv_dtype="fp8_e4m3", window=w, reserve=reserve, sinks=sinks))
     return out
 
 
@@ -111,7 +117,12 @@ def layer_settings(plan: Plan, platform: str = "cpu") -> list[dict[str, Any]]:
         if s.kv_dtype == "fp8_e4m3" and (s.k_scale, s.v_scale) != (1.0, 1.0):
             raise EngineError(f"layer {lp.layer}: fp8 scales {s.k_scale}/{s.v_scale}: vLLM loads only 1.0 "
                               "for a checkpoint without kv scales")
-        out.append({"kv_cache_dtype": CORRECT[platform][s.kv_dtype], "sliding_window": s.window})
+        setting: dict[str, Any] = {"kv_cache_dtype": CORRECT[platform][s.kv_dtype], "sliding_window": s.window}
+        if s.sinks:
+            if platform != "cpu":
+                raise EngineError(f"layer {lp.layer}: sink tokens are implemented for vLLM's CPU_ATTN only")
+            setting["sinks"] = s.sinks
+        out.append(setting)
     return out
 
 
@@ -130,28 +141,30 @@ def predict_capacity(
     """
     dtypes = {s["kv_cache_dtype"] for s in settings}
     per_tok = {d: 2 * num_kv_heads * head_dim * KV_BYTES[_plan_dtype(d)] for d in dtypes}
-    keys = [(s["kv_cache_dtype"], s["sliding_window"]) for s in settings]
+    keys = [(s["kv_cache_dtype"], s["sliding_window"], s.get("sinks", 0)) for s in settings]
 
-    def need(window: int | None, bs: int) -> int:
+    def need(window: int | None, sinks: int, bs: int) -> int:
         if window is None:
             return math.ceil(max_model_len / bs)
-        return math.ceil(min(window - 1 + in_flight, max_model_len) / bs) + 1
+        # a sink layer also keeps the blocks covering its first `sinks` tokens (engines/_vllm_sinks.py)
+        return min(math.ceil(min(window - 1 + in_flight, max_model_len) / bs) + 1 + math.ceil(sinks / bs),
+                   math.ceil(max_model_len / bs) + 1)
 
     if len(set(keys)) == 1:
-        d, w = keys[0]
+        d, w, sk = keys[0]
         blocks = memory_bytes // (per_tok[d] * block_size * len(keys))
-        conc = blocks / need(w, block_size)
-    elif all(w is None for _, w in keys):
-        blocks = memory_bytes // sum(per_tok[d] * block_size for d, _ in keys)
-        conc = blocks / need(None, block_size)
+        conc = blocks / need(w, sk, block_size)
+    elif all(w is None for _, w, _ in keys):
+        blocks = memory_bytes // sum(per_tok[d] * block_size for d, _, _ in keys)
+        conc = blocks / need(None, 0, block_size)
     else:
-        page = max(per_tok[d] for d, _ in keys) * block_size
+        page = max(per_tok[d] for d, _, _ in keys) * block_size
         buckets = Counter(keys)
         lo, hi = min(buckets.values()), max(buckets.values())
         group = hi if hi < 1.5 * lo else lo
         per_req = 0
-        for (d, w), n in buckets.items():
-            per_req += math.ceil(n / group) * need(w, page // per_tok[d])
+        for (d, w, sk), n in buckets.items():
+            per_req += math.ceil(n / group) * need(w, sk, page // per_tok[d])
         blocks = memory_bytes // (page * group)
         conc = blocks / per_req
     return {"tokens": int(conc * max_model_len), "concurrency": conc}
@@ -278,6 +291,8 @@ def engine_kwargs(plan: Plan, plan_path: str | os.PathLike[str], *, kv_cache_mem
         # the global dtype only picks CPU_ATTN's kernel ISA; each layer's own dtype comes from the plan
         "kv_cache_dtype": "fp8_e4m3" if fp8 else "auto",
         "hf_overrides": {"architectures": [ARCH], "kvcompile_plan": str(Path(plan_path).resolve())},
+        # vLLM's sliding-window prefix-cache hit search assumes blocks before the window are gone: not with sinks
+        **({"enable_prefix_caching": False} if any(s.get("sinks") for s in settings) else {}),
         "kv_cache_memory_bytes": int(kv_cache_memory_bytes),
         "enforce_eager": True,
         **args,
@@ -315,8 +330,8 @@ def serve_argv(plan: Plan, plan_path: str | os.PathLike[str], *, host: str = "12
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
-            if k == "async_scheduling":
-                argv.append(flag if v else "--no-async-scheduling")
+            if k in ("async_scheduling", "enable_prefix_caching"):
+                argv.append(flag if v else "--no-" + flag[2:])
             elif v:
                 argv.append(flag)
         elif isinstance(v, dict):

@@ -14,10 +14,13 @@ This is what vLLM's attention backends store per layer (``kv_cache_dtype`` + the
 * The engine writes the new tokens into the cache *before* attending (reshape_and_cache, then paged
   attention over the cache), so prefill queries also read quantized keys; the store does the same.
 * ``window=W``: query at position ``i`` attends keys ``j`` with ``i - W < j <= i`` during prefill and
-  decode alike (vLLM / transformers sliding-window semantics, no sink tokens); the store keeps the last
+  decode alike (vLLM / transformers sliding-window semantics); the store keeps the last
   ``W - 1`` tokens, all any later query can see, or ``reserve`` tokens when set: what the engine really
   holds per sequence for the layer (vLLM keeps ``W - 1`` plus the tokens in flight, rounded up to whole
   blocks), so the planner's byte budget is the engine's memory. Tokens beyond the window stay masked.
+* ``sinks=S`` (with a window; StreamingLLM, Xiao et al. 2023): the first ``S`` tokens stay visible to every
+  query, mask ``j < S or i - W < j <= i``; the store keeps them besides the window (kvcompile's vLLM plugin
+  keeps the blocks covering them and attends them with the window, ``engines/_vllm_model.py``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Paged(Strategy):
     k_scale: float = 1.0
     v_scale: float = 1.0
     reserve: int | None = None
+    sinks: int = 0
 
     def check(self) -> None:
         check_range("kv_dtype", self.kv_dtype, allowed=tuple(KV_DTYPES))
@@ -65,18 +69,25 @@ class Paged(Strategy):
             if self.window is None:
                 raise ValueError("reserve is only meaningful with a window (a full layer holds every token)")
             check_range("reserve", self.reserve, lo=1, hi=1 << 24)
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int):
+            raise ValueError(f"sinks={self.sinks!r} must be an int number of tokens")
+        check_range("sinks", self.sinks, lo=0, hi=1 << 16)
+        if self.sinks and self.window is None:
+            raise ValueError("sinks are only meaningful with a window (a full layer sees every token)")
         check_range("k_scale", self.k_scale, lo=1e-8, hi=1e8)
         check_range("v_scale", self.v_scale, lo=1e-8, hi=1e8)
 
     def short_label(self) -> str:
         dt = "bf16" if self.kv_dtype == "bfloat16" else "fp8"
-        return dt if self.window is None else f"{dt}+win{self.window}"
+        if self.window is None:
+            return dt
+        return f"{dt}+sink{self.sinks}+win{self.window}" if self.sinks else f"{dt}+win{self.window}"
 
     def kept(self, tokens: int) -> int:
         """Tokens held after ``tokens`` tokens."""
         if self.window is None:
             return tokens
-        return min(tokens, max(self.window - 1, self.reserve or 0))
+        return min(tokens, max(self.sinks + self.window - 1, self.reserve or 0))
 
     def bytes_for(self, tokens: int, head_dim: int, dtype_bytes: int) -> int:
         return 2 * self.kept(tokens) * head_dim * KV_DTYPES[self.kv_dtype]
@@ -86,7 +97,7 @@ class Paged(Strategy):
 
     def kernel_format(self) -> str:
         # distinct per setting: with max_kernels_per_layer=1 the solve gives every head of a layer one setting
-        return f"paged:{self.kv_dtype}:{self.window or 0}"
+        return f"paged:{self.kv_dtype}:{self.window or 0}" + (f":s{self.sinks}" if self.sinks else "")
 
     def new_store(self, *, batch, num_heads, head_dim, gqa, dtype, device) -> PagedStore:
         return PagedStore(self, dtype)
@@ -103,8 +114,8 @@ def e4m3_truncate(x: torch.Tensor) -> torch.Tensor:
 class PagedStore(Store):
     """``k``, ``v``: [B, Hg, N, D] in bfloat16 or float8_e4m3fn (codes of ``x / scale``); N <= window - 1.
 
-    ``lead[b]`` left-padding slots of row b are masked; slot ``s`` of the stored tokens has position
-    ``tokens_seen - N + s`` (the stored tokens are always the most recent ones).
+    ``lead[b]`` left-padding slots of row b are masked; ``pos[s]`` is the position of stored slot ``s``: the
+    first ``sinks`` positions (when kept), then the most recent tokens.
     """
 
     def __init__(self, strategy: Paged, dtype: torch.dtype) -> None:
@@ -113,6 +124,7 @@ class PagedStore(Store):
         self.v: torch.Tensor | None = None
         self.lead: torch.Tensor | None = None
         self.tokens_seen = 0
+        self.pos: torch.Tensor | None = None  # [N] positions of the stored slots
 
     def _encode(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         if self.s.kv_dtype == "bfloat16":
@@ -136,14 +148,16 @@ class PagedStore(Store):
         else:
             k, v = k_new.to(self.dtype), v_new.to(self.dtype)
         N = k.shape[2]
-        pos = torch.arange(self.tokens_seen - (N - T), self.tokens_seen + T, device=q.device)  # [N] slots
-        qpos = pos[N - T :]
-        allowed = pos[None, :] <= qpos[:, None]
+        qpos = torch.arange(self.tokens_seen, self.tokens_seen + T, device=q.device)
+        pos = qpos if self.pos is None else torch.cat([self.pos.to(q.device), qpos])  # [N] slots
+        allowed = (pos[None, :] <= qpos[:, None])[None]  # [1 or B, T, N]
         if self.s.window is not None:
-            allowed &= pos[None, :] > qpos[:, None] - self.s.window
+            # sinks are a row's first real tokens (after its left padding)
+            sink = (pos[None, :] - lead[:, None]) < self.s.sinks  # [B, N]
+            allowed = allowed & ((pos[None, :] > qpos[:, None] - self.s.window)[None] | sink[:, None, :])
         key_ok = pos[None, :] >= lead[:, None]  # [B, N]
         key_ok[:, N - T :] &= valid_new
-        mask = allowed[None, None] & key_ok[:, None, None, :]
+        mask = allowed[:, None] & key_ok[:, None, None, :]
         own = pos[None, :] == qpos[:, None]  # padding queries see no key: give them their own slot
         mask = mask | (~mask.any(-1, keepdim=True) & own)
         return torch.nn.functional.scaled_dot_product_attention(
@@ -156,10 +170,19 @@ class PagedStore(Store):
         k8, v8 = self._encode(k_new, self.s.k_scale), self._encode(v_new, self.s.v_scale)
         self.k = k8 if self.k is None else torch.cat([self.k, k8], dim=2)
         self.v = v8 if self.v is None else torch.cat([self.v, v8], dim=2)
+        new_pos = torch.arange(self.tokens_seen, self.tokens_seen + k_new.shape[2], device=k_new.device)
+        self.pos = new_pos if self.pos is None else torch.cat([self.pos, new_pos])
         self.tokens_seen += k_new.shape[2]
         keep = self.s.kept(self.tokens_seen)
         if self.k.shape[2] > keep:
-            self.k, self.v = self.k[:, :, -keep:].contiguous(), self.v[:, :, -keep:].contiguous()
+            # the sink slots (positions < sinks) stay; the rest keeps the most recent tokens
+            lead_max = int(self.lead.max()) if self.s.sinks and self.lead.numel() else 0
+            n_sink = int((self.pos < self.s.sinks + lead_max).sum()) if self.s.sinks else 0
+            n = self.k.shape[2]
+            recent = max(keep - n_sink, (self.s.window or 2) - 1)
+            dev = self.k.device
+            idx = torch.cat([torch.arange(n_sink, device=dev), torch.arange(n - recent, n, device=dev)])
+            self.k, self.v, self.pos = self.k[:, :, idx].contiguous(), self.v[:, :, idx].contiguous(), self.pos[idx]
 
     def nbytes(self) -> int:
         return tensor_bytes(self.k, self.v)
