@@ -22,13 +22,16 @@ from kvcompile.runtime.builders import plan_for  # noqa: E402
 from kvcompile.targets import load_target  # noqa: E402
 
 pytestmark = pytest.mark.slow
-CONTEXT, WINDOW, MEM = 512, 64, 64 << 20
-# per layer: bf16 full / fp8 full / fp8 + window, 10 layers each (vLLM groups them without padding)
+CONTEXT, WINDOW, SINKS, MEM = 512, 64, 4, 64 << 20
+# per layer (layer % 4): bf16 full / fp8 full / fp8 + window / fp8 + sinks + window (the plugin's own KV
+# spec, block manager and attention); 8/8/7/7 layers, so vLLM pads its groups and the prediction must too
 SETTINGS = [
     {"name": "paged", "kv_dtype": "bfloat16"},
     {"name": "paged", "kv_dtype": "fp8_e4m3"},
     {"name": "paged", "kv_dtype": "fp8_e4m3", "window": WINDOW},
+    {"name": "paged", "kv_dtype": "fp8_e4m3", "window": WINDOW, "sinks": SINKS},
 ]
+NO_SINKS = SETTINGS[:3] + [SETTINGS[2]]
 # emulation tolerance: mean |log p(token)| difference over the prompt, in nats, vLLM vs kvcompile's paged
 # stores on the same bf16 weights (what remains is bf16 arithmetic in different kernels)
 EMULATION_TOL = 0.1
@@ -41,7 +44,7 @@ def _save(plan, path):
 
 @pytest.fixture(scope="module")
 def served(smol, tmp_path_factory):
-    plan = plan_for(smol, lambda layer, head: SETTINGS[layer % 3], CONTEXT, target="cpu")
+    plan = plan_for(smol, lambda layer, head: SETTINGS[layer % 4], CONTEXT, target="cpu")
     plan = plan.model_copy(update={"engine": ev.record(plan, load_target("cpu"))}).sealed()
     path = _save(plan, tmp_path_factory.mktemp("plan") / "mixed.kvplan")
     llm = ev.llm(path, kv_cache_memory_bytes=MEM)
@@ -59,6 +62,10 @@ def test_vllm_capacity_equals_the_plan_prediction(served):
     attn = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.layers
     got = [(layer.self_attn.attn.kv_cache_dtype, layer.self_attn.attn.sliding_window) for layer in attn]
     assert got == [(s["kv_cache_dtype"], s["sliding_window"]) for s in plan.engine["layers"]]
+    from kvcompile.engines._vllm_sinks import SinkWindowImpl
+
+    sunk = [i for i, layer in enumerate(attn) if isinstance(layer.self_attn.attn.impl, SinkWindowImpl)]
+    assert sunk == [i for i, s in enumerate(plan.engine["layers"]) if s.get("sinks")] and sunk
 
 
 def _token_logprobs_hf(model, ids, cache):
@@ -68,23 +75,46 @@ def _token_logprobs_hf(model, ids, cache):
     return torch.stack([lp[t - 1, ids[t]] for t in range(1, len(ids))])
 
 
+def _decode_logprobs_hf(model, ids, gen, cache):
+    """log p(gen[k]) with the prompt prefilled, then one token at a time (the decode path)."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True, **cache_kw(cache))
+        lps = [torch.log_softmax(out.logits[0, -1].float(), -1)[gen[0]]]
+        for a, b in zip(gen[:-1], gen[1:], strict=True):
+            out = model(torch.tensor([[a]]), use_cache=True, **cache_kw(cache))
+            lps.append(torch.log_softmax(out.logits[0, -1].float(), -1)[b])
+    return torch.stack(lps)
+
+
 def test_emulated_formats_reproduce_vllm_logits(served, smol):
     from kvcompile.models import load
 
     plan, _, llm = served
     bf16 = load("smollm2-135m", dtype=torch.bfloat16).model  # vLLM runs the weights in bf16
-    text = " ".join(f"Item {i} is {'red' if i % 3 else 'blue'} and weighs {i * 7 % 11} kg." for i in range(30))
-    ids = smol.tokenizer(text)["input_ids"][:300]
-    assert len(ids) > 3 * WINDOW
-    out = llm.generate({"prompt_token_ids": ids}, vllm.SamplingParams(max_tokens=1, prompt_logprobs=0))
-    got = torch.tensor([out[0].prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))])
-    twin = plan_for(bf16, lambda layer, head: SETTINGS[layer % 3], CONTEXT, target="cpu")  # same layers, bf16
-    emulated = _token_logprobs_hf(bf16, ids, twin.make_cache(bf16))
+    text = " ".join(f"Item {i} is {'red' if i % 3 else 'blue'} and weighs {i * 7 % 11} kg." for i in range(60))
+    # long enough that vLLM frees out-of-window blocks (128-token blocks: block 1 goes at 384 computed tokens)
+    # while the sink layers keep block 0
+    ids = smol.tokenizer(text)["input_ids"][:496]
+    assert len(ids) == 496
+    params = vllm.SamplingParams(max_tokens=8, prompt_logprobs=0, logprobs=0, temperature=0.0)
+    out = llm.generate({"prompt_token_ids": ids}, params)[0]
+    got = torch.tensor([out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))])
+    gen = list(out.outputs[0].token_ids)
+    got_dec = torch.tensor([lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, gen, strict=True)])
+
+    def twin(settings):
+        return plan_for(bf16, lambda layer, head: settings[layer % 4], CONTEXT, target="cpu").make_cache(bf16)
+
+    emulated, no_sinks = _token_logprobs_hf(bf16, ids, twin(SETTINGS)), _token_logprobs_hf(bf16, ids, twin(NO_SINKS))
     full = _token_logprobs_hf(bf16, ids, None)
-    err_emu, err_full = (got - emulated).abs().mean().item(), (got - full).abs().mean().item()
-    print(f"mean |dlogp| vs vLLM over {len(ids) - 1} tokens: emulated {err_emu:.4f}, full cache {err_full:.4f}")
-    assert err_emu < EMULATION_TOL, (err_emu, err_full)
-    assert err_emu < 0.5 * err_full, (err_emu, err_full)  # the windows/fp8 matter and are reproduced
+    err = {k: (got - x).abs().mean().item() for k, x in [("emulated", emulated), ("no_sinks", no_sinks),
+                                                          ("full", full)]}
+    err_dec = (got_dec - _decode_logprobs_hf(bf16, ids, gen, twin(SETTINGS))).abs().mean().item()
+    print(f"mean |dlogp| vs vLLM over {len(ids) - 1} prompt tokens: {err}; over {len(gen)} decoded: {err_dec:.4f}")
+    assert err["emulated"] < EMULATION_TOL, err
+    assert err_dec < EMULATION_TOL, err_dec
+    assert err["emulated"] < 0.5 * err["full"], err  # the windows/fp8 matter and are reproduced
+    assert err["emulated"] < 0.5 * err["no_sinks"], err  # and vLLM really attends the sink tokens
 
 
 def test_plans_vllm_must_not_run_are_refused_before_start(served, smol, tmp_path):
