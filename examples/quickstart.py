@@ -5,6 +5,7 @@ Run: ``python examples/quickstart.py [OUT.kvplan]`` (CPU, about half a minute).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 
@@ -33,6 +34,8 @@ def main(out: str = "out/quickstart.kvplan") -> int:
     if importlib.util.find_spec("kvcompile.runtime") is None:
         print("kvcompile.runtime is not installed: showing the plan only")
         return 0
+    importlib.import_module("kvcompile.runtime")  # registers the runtime behind plan.make_cache
+
     tok, model = smol.tokenizer, smol.model
     ids = tok(PROMPT, return_tensors="pt")
     cache = plan.make_cache(model)

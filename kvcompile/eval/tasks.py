@@ -35,6 +35,7 @@ from typing import Any, cast
 
 import torch
 
+from ..runtime import make_cache
 from .data import Sample, is_correct, make_niah_sample, make_passkey_sample, make_ppl_sample, source_info
 
 CacheFactory = Callable[[torch.nn.Module, int], Any]
@@ -84,7 +85,7 @@ def as_cache_factory(obj: Any) -> CacheFactory:
         obj = load(Path(obj))
     if hasattr(obj, "make_cache") and hasattr(obj, "layers"):
         plan = obj
-        return lambda model, tokens: plan.make_cache(model)
+        return lambda model, tokens: make_cache(plan, model)
     if callable(obj):
         kinds = [p.kind for p in inspect.signature(obj).parameters.values()]
         positional = sum(
