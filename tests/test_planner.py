@@ -127,8 +127,17 @@ def test_smollm2_calibrated_compile_verifies(smol, tmp_path, monkeypatch):
     # warm calibration cache: same plan, byte for byte
     again = optimize(smol, **kw)
     assert again.to_json() == plan.to_json()
-    # an impossible tolerance: one tightened re-solve, then an honest failure note
+    # a zero tolerance: the first plan fails some family, so the pass re-solves (damage of its lossy
+    # choices x4) and keeps the best; either it ends within tolerance or it says which families fail
     strict = optimize(smol, **{**kw, "tolerance": 0.0, "verify_iterations": 1})
-    assert strict.measured["iterations"] == 2 and strict.measured["within_tolerance"] is False
-    assert strict.measured["failing"] and set(strict.measured["failing"]) <= set(m["families"])
-    assert any("verification FAILED" in n for n in strict.notes)
+    sm = strict.measured
+    from kvcompile.passes.verification import passes_tolerance
+
+    assert sm["tolerance"] == 0.0 and sm["iterations"] in (1, 2)
+    if sm["iterations"] == 2:  # re-solved because the first plan failed
+        assert not passes_tolerance(sm["history"][0], 0.0)
+    if sm["within_tolerance"]:
+        assert sm["failing"] == [] and (sm["ppl_delta"] or 0.0) <= 0.0
+    else:
+        assert sm["failing"] and set(sm["failing"]) <= set(m["families"])
+        assert any("verification FAILED" in n for n in strict.notes)
