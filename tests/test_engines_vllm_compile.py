@@ -25,6 +25,8 @@ def test_candidates_are_only_what_cpu_attn_executes_correctly():
     # windows come with sink tokens (kept blocks + sink attention in the plugin), costed as vLLM holds them
     win = next(c for c in cands if c.window)
     assert 4 <= win.sinks <= 16 and win.reserve >= ev.reserve_for(win.window, 4096, 128) + 128
+    # at a budget fp8 everywhere meets, bf16 is not offered (vLLM's group padding would cost capacity)
+    assert {c.kv_dtype for c in ev.candidates(4096, load_target("cpu"), kv_budget=0.5)} == {"fp8_e4m3"}
     with pytest.raises(ValueError, match="not known"):
         get("tensorrt")
 

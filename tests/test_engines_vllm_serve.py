@@ -30,7 +30,9 @@ def _post(url, body):
 
 
 def test_openai_round_trip_against_kvcompile_serve(smol, tmp_path):
-    specs = [{"name": "paged", "kv_dtype": "fp8_e4m3"}, {"name": "paged", "kv_dtype": "fp8_e4m3", "window": 64}]
+    # a sink + window layer too: the served engine process keeps its sink blocks (plugin via entry point)
+    specs = [{"name": "paged", "kv_dtype": "fp8_e4m3"},
+             {"name": "paged", "kv_dtype": "fp8_e4m3", "window": 64, "sinks": 4}]
     plan = plan_for(smol, lambda layer, head: specs[layer % 2], 512, target="cpu")
     plan = plan.model_copy(update={"engine": ev.record(plan, load_target("cpu"))}).sealed()
     path = tmp_path / "serve.kvplan"

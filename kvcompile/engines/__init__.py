@@ -3,7 +3,7 @@
 An engine module (``kvcompile/engines/<name>.py``) provides, without importing the engine at module
 level (only ``engines/<name>`` ever imports it, and only inside the functions that need it):
 
-* ``candidates(context, target) -> list[Strategy]``: the per-layer settings the installed engine
+* ``candidates(context, target, kv_budget=None) -> list[Strategy]``: the per-layer settings the installed engine
   executes *correctly* on the target's platform (the planner's grid; one setting per layer);
 * ``record(plan) -> dict``: ``Plan.engine`` (name, exact version, platform, per-layer settings, the
   engine arguments and the predicted capacity);

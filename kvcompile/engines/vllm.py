@@ -79,11 +79,18 @@ def reserve_for(window: int, context: int, block: int) -> int:
     return (math.ceil(min(window - 1 + IN_FLIGHT, context) / block) + 1) * block
 
 
-def candidates(context: int, target: Any) -> list[Strategy]:
-    """Every per-layer setting vLLM executes correctly on ``target``'s platform."""
+def candidates(context: int, target: Any, kv_budget: float | None = None) -> list[Strategy]:
+    """Every per-layer setting vLLM executes correctly on ``target``'s platform.
+
+    Under a fractional ``kv_budget <= 0.5`` (fp8 everywhere is 0.5) bf16 is not offered: a bf16 layer
+    would be paid for by windowed layers, and vLLM's allocator then pads three layer kinds into equal
+    groups, which costs more capacity than the bytes the windows free (measured: a 0.5 plan with 4 bf16
+    and 5 windowed layers predicts and gets 1.80x ``auto`` where 30 fp8 layers get 2.00x).
+    """
     plat = platform_of(target)
     w = window_for(context)
-    out: list[Strategy] = [Paged(kv_dtype=dt) for dt in CORRECT[plat]]
+    dtypes = [dt for dt in CORRECT[plat] if not (kv_budget is not None and kv_budget <= 0.5 and dt == "bfloat16")]
+    out: list[Strategy] = [Paged(kv_dtype=dt) for dt in dtypes]
     if w < context:
         # windows in fp8 only: a bf16 window holds more bytes for the same tokens, and with any bf16 layer in
         # the model vLLM doubles fp8 layers' block to equalise page bytes (the reserve assumes that case).

@@ -93,7 +93,7 @@ def assign_candidates(program: Program, ctx: PassContext) -> Program:
     grid: list[Strategy] = []
     seen: set[str] = set()
     engine = ctx.options.get("engine")  # a serving engine's own settings only (kvcompile/engines)
-    source = _engine_grid(engine, context, ctx.target) if engine else candidate_grid(
+    source = _engine_grid(engine, context, ctx.target, ctx.config.kv_budget) if engine else candidate_grid(
         context, {"candidates": ctx.opt("candidates")})
     for s in source:
         key = json.dumps(s.to_spec(), sort_keys=True)
@@ -116,7 +116,7 @@ def assign_candidates(program: Program, ctx: PassContext) -> Program:
     return program.with_facts(candidates=fact)
 
 
-def _engine_grid(name: str, context: int, target: Target) -> list[Strategy]:
+def _engine_grid(name: str, context: int, target: Target, kv_budget: float | None) -> list[Strategy]:
     from ..engines import get
 
-    return list(get(name).candidates(context, target))
+    return list(get(name).candidates(context, target, kv_budget=kv_budget))
