@@ -68,8 +68,7 @@ def run_engine(config: str, length: int, n: int) -> dict[str, Any]:
                                    max_model_len=plan.config.context, memory_bytes=MEM,
                                    block_size=plan.engine["args"]["block_size"])
         out.update(predicted_tokens=pred["tokens"], plan_measured=plan.measured,
-                   layers=[f"{s['kv_cache_dtype']}/{s['sliding_window']}" + f"+sinks{s['sinks']}" * bool(s.get("sinks"))
-                           for s in plan.engine["layers"]])
+                   layers=[_label(s) for s in plan.engine["layers"]])
     # retrieval through vLLM: the whole prompt (context + question) is prefilled; greedy answer
     t1 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -95,6 +94,10 @@ def run_engine(config: str, length: int, n: int) -> dict[str, Any]:
                    "ppl": math.exp(nll / count), "lm_tokens": count, "seconds": round(time.perf_counter() - t1, 1),
                    "rows": rows}
     return out
+
+
+def _label(s: dict[str, Any]) -> str:
+    return f"{s['kv_cache_dtype']}/{s['sliding_window']}" + (f"+sinks{s['sinks']}" if s.get("sinks") else "")
 
 
 def run_emulation(config: str, length: int, n: int) -> dict[str, Any]:
