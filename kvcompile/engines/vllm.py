@@ -2,8 +2,10 @@
 
 Compile side (no vLLM needed): :func:`candidates` restricts the planner to what vLLM runs *correctly* on
 the target's platform, per layer (every KV head of a layer shares the setting, ``max_kernels_per_layer=1``):
-``paged(kv_dtype in {bfloat16, fp8_e4m3}, window in {None, W})``, emulated by the ``paged`` strategy
-(vLLM numerics: per-tensor fp8 scale 1.0, write-then-attend, ``i - W < j <= i`` windows, no sinks).
+``paged(kv_dtype in {bfloat16, fp8_e4m3})`` and ``paged(fp8_e4m3, window=W, sinks=S)``, emulated by the
+``paged`` strategy (vLLM numerics: per-tensor fp8 scale 1.0, write-then-attend, windows
+``j <= i and (j < S or i - W < j)``; sink layers run on the plugin's own KV spec, block manager and CPU_ATTN
+attention, ``engines/_vllm_sinks.py``).
 :func:`record` stores the engine, its exact version, per-layer settings, engine arguments and the
 capacity vLLM will report (:func:`predict_capacity`, vLLM 0.32's block allocator re-derived) in
 ``Plan.engine``.
