@@ -29,6 +29,7 @@ WRITER = textwrap.dedent(
     body = tag * (size // len(tag))
     end = time.time() + seconds
     n = 0
+    print("ready", file=sys.stderr, flush=True)
     while time.time() < end:
         write_atomic(path, '{"tag": "%s", "n": %d, "body": "%s"}' % (tag, n, body))
         n += 1
@@ -40,7 +41,7 @@ WRITER = textwrap.dedent(
 def _writer(path: Path, tag: str, size: int, seconds: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, str(size), str(seconds)],
-                            env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def _check_whole(path: Path, tags: set[str], size: int) -> str:
@@ -72,9 +73,10 @@ def test_killed_writer_leaves_old_or_new_and_its_temp_is_swept(tmp_path):
     leftovers = 0
     for i in range(6):
         p = _writer(path, "K", size, 30.0)
-        time.sleep(0.4 + 0.15 * i)
+        assert p.stderr is not None and p.stderr.readline().strip() == "ready"  # interpreter start-up excluded
+        time.sleep(0.05 + 0.07 * i)
         p.send_signal(signal.SIGKILL)
-        p.wait()
+        p.communicate()
         _check_whole(path, {"old", "K"}, size)
         leftovers = max(leftovers, len(list(tmp_path.glob(".out.kvplan.*.tmp"))))
     assert leftovers >= 1, "no kill landed mid-write (the test needs a temp file left behind)"
