@@ -162,6 +162,18 @@ def test_int4_and_per_head_settings_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_sink_layers_are_recorded_on_cpu_and_refused_where_not_implemented(tmp_path):
+    spec = {"name": "paged", "kv_dtype": "fp8_e4m3", "window": 256, "sinks": 16}
+    plan, _ = _plan_with(spec, tmp_path=tmp_path)
+    assert ev.layer_settings(plan, "cpu")[0] == {"kv_cache_dtype": "fp8_e4m3", "sliding_window": 256, "sinks": 16}
+    with pytest.raises(EngineError, match="CPU_ATTN only"):
+        ev.layer_settings(plan, "gpu")
+    plan = plan.model_copy(update={"engine": ev.record(plan, load_target("cpu"))})
+    # vLLM's sliding-window prefix-cache hit search assumes the blocks before the window are freed
+    assert ev.engine_kwargs(plan, "p.kvplan", model="m")["enable_prefix_caching"] is False
+    assert "--no-enable-prefix-caching" in ev.serve_argv(plan, "p.kvplan", model="m")
+
+
 def test_unknown_engine_is_one_line(capsys):
     from kvcompile.cli import main
 
