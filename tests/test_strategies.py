@@ -9,7 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompile.strategies import ENGINE_ONLY, REGISTRY, Strategy, default_instances, from_spec, reference_attention
+from kvcompile.strategies import (
+    ENGINE_ONLY,
+    OUTSIDE_GRID,
+    REGISTRY,
+    Strategy,
+    default_instances,
+    from_spec,
+    reference_attention,
+)
 
 B, G, SCALE = 2, 3, 0.125
 
@@ -170,7 +178,7 @@ def test_default_instances_cover_registry_and_validate():
     ctx = 4096
     insts = default_instances(ctx)
     names = {s.name for s in insts}
-    assert names == set(REGISTRY) - ENGINE_ONLY
+    assert names == set(REGISTRY) - ENGINE_ONLY - OUTSIDE_GRID
     assert len({s.to_spec().__repr__() for s in insts}) == len(insts)  # no duplicates
     full = REGISTRY["full"]().bytes_for(ctx, 64, 2)
     for s in insts:

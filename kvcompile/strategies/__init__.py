@@ -54,6 +54,9 @@ REGISTRY.update({cls.name: cls for cls in (KVzip, KNorm)})  # strategies/kvzip.p
 # a serving engine's own cache formats: candidates only when compiling for that engine (kvcompile.engines),
 # never in the library grid below
 ENGINE_ONLY = frozenset({Paged.name})
+# outside the library grid: KVzip needs its scoring prefill (the planner adds it in passes/candidates.py),
+# Knorm is a question-agnostic eviction baseline of the frontier benchmark; both tested in tests/test_kvzip.py
+OUTSIDE_GRID = frozenset({KVzip.name, KNorm.name})
 
 
 def from_spec(spec: Mapping[str, Any], _depth: int = 0) -> Strategy:
@@ -169,6 +172,7 @@ def default_instances(context: int) -> list[Strategy]:
 __all__ = [
     "ENGINE_ONLY",
     "default_instances",
+    "OUTSIDE_GRID",
     "REGISTRY",
     "Store",
     "Strategy",
