@@ -371,7 +371,8 @@ def _runtime_key(plan: Any) -> str:
 def run_variant(data: bytes, model: Any, real: bool, workdir: Path, seen: dict[str, str],
                 time_limit_s: float = 20.0) -> tuple[str, str]:  # fmt: skip
     """(outcome, detail) of one variant file (see module docstring)."""
-    from kvcompile.plan import PlanError, load
+    from kvcompile import load
+    from kvcompile.plan import PlanError
     from kvcompile.report import render_inspect
 
     path = workdir / "variant.kvplan"

@@ -32,7 +32,7 @@ def optimize(model: Any, target: str = "h100", **kw: Any) -> Plan:
 
 def load(path: Any) -> Plan:
     """Load and verify a plan file (raises :class:`kvcompile.plan.PlanError`)."""
-    from .plan import load as _load
+    from .codegen.check import load as _load
 
     return _load(path)
 

@@ -139,7 +139,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .plan import load
+    from .codegen.check import load
     from .report import heatmap, render_inspect
 
     plan = load(args.plan)
@@ -165,8 +165,8 @@ def _serve(args: argparse.Namespace) -> int:
     """Check the plan (one-line refusal, server not started), then become vLLM's OpenAI server."""
     import os
 
+    from .codegen.check import load
     from .engines.vllm import check, serve_argv
-    from .plan import load
 
     plan = load(args.plan)
     check(plan, model_dir=args.model_dir)

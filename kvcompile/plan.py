@@ -254,8 +254,9 @@ class Plan(BaseModel):
         per KV head, query heads a multiple of KV heads), every spec through ``strategies.from_spec``
         (its ``check()``) and ``validate_for`` the site's head_dim and the plan's context. With
         ``derived`` (what :func:`load` does) also what is *derived* from those: the exact byte values
-        of ``predicted``, the placement's layers / heads / node, and the schedule and kernel records
-        against what this kvcompile lowers the layers to (:func:`_verify_codegen`). Raises PlanError.
+        of ``predicted`` and the placement's layers / heads / node. The schedule and kernel records are
+        derived by codegen and checked there (``codegen.check.check_codegen``, run by :func:`kvcompile.load`;
+        the runtime re-lowers and compares too). Raises PlanError.
         """
         sites = self.model.sites
         if len(self.layers) != len(sites):
@@ -281,7 +282,6 @@ class Plan(BaseModel):
         if derived:
             self._verify_predicted()
             self._verify_placement()
-            _verify_codegen(self)
         return strategies
 
     def _verify_predicted(self) -> None:
@@ -454,57 +454,6 @@ def _short(v: Any, n: int = 40) -> str:
 def _first_error(e: ValidationError) -> str:
     first = e.errors()[0]
     return _clip(f"{'.'.join(_clip(x, 60) for x in first['loc'])}: {first['msg']}")
-
-
-def _verify_codegen(plan: Plan) -> None:
-    """The plan's schedule and kernel records must be exactly what this kvcompile lowers its layers to.
-
-    Kernel source is never taken from a plan to run: the runtime renders every kernel from its
-    ``KernelKey`` with the installed kvcompile (``codegen.cache.load_kernel``). A plan may carry
-    sources and hashes (to show what was compiled); here they are only compared with the rendering,
-    and any difference is a PlanError naming the kernel. (Lazy import: lowering lives in codegen,
-    which imports the plan module.)
-    """
-    if plan.schedule is None and plan.kernels is None:
-        return
-    from .codegen.cache import render, sha256
-    from .codegen.keys import KernelKey
-    from .codegen.lower import lower
-
-    try:
-        sched = lower(plan)
-    except PlanError:
-        raise
-    except ValueError as e:
-        raise PlanError(f"the plan's layers cannot be lowered to a schedule: {e}") from None
-    if plan.schedule is not None:
-        want = sched.to_json()
-        if len(plan.schedule) != len(want):
-            raise PlanError(f"schedule has {len(plan.schedule)} instructions, the layers lower to {len(want)} "
-                            "(edited, or compiled by another kvcompile)")  # fmt: skip
-        for i, (got, exp) in enumerate(zip(plan.schedule, want, strict=True)):
-            if got != exp:
-                raise PlanError(f"schedule instruction {i} ({str(got.get('op'))[:30]}, layer "
-                                f"{str(got.get('layer'))[:12]}) differs from the lowering of the layers")  # fmt: skip
-    if plan.kernels is not None:
-        extra = sorted(set(plan.kernels) - set(sched.kernels))
-        missing = sorted(set(sched.kernels) - set(plan.kernels))
-        if extra or missing:
-            which = (
-                f"kernel {extra[0][:80]!r} is not used by the schedule" if extra else f"kernel {missing[0]} is missing"
-            )
-            raise PlanError(f"kernels: {which}")
-        for uri, rec in plan.kernels.items():
-            if set(rec) - {"source", "sha256", "key"}:
-                raise PlanError(f"kernel {uri}: unknown fields {sorted(set(rec) - {'source', 'sha256', 'key'})}")
-            if rec.get("key") != sched.kernels[uri]:
-                raise PlanError(f"kernel {uri}: key is not the one the schedule needs (edited, or another kvcompile)")
-            src = render(KernelKey.from_json(dict(sched.kernels[uri])))
-            if rec.get("source") is not None and rec["source"] != src:
-                raise PlanError(f"kernel {uri}: embedded source differs from this kvcompile's rendering of its key "
-                                "(edited, or compiled by another version); refusing the plan")  # fmt: skip
-            if rec.get("sha256") is not None and rec["sha256"] != sha256(src):
-                raise PlanError(f"kernel {uri}: recorded sha256 does not match this kvcompile's rendering")
 
 
 def check_model(plan: Plan, model: Any, *, strict: bool = False) -> list[str]:

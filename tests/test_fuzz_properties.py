@@ -12,7 +12,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kvcompile.plan import LayerPlan, ModelRef, Plan, PlanConfig, PlanError, SiteRef, TargetRef, load  # noqa: E402
+from kvcompile import load  # noqa: E402
+from kvcompile.plan import LayerPlan, ModelRef, Plan, PlanConfig, PlanError, SiteRef, TargetRef  # noqa: E402
 from kvcompile.strategies import from_spec  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,9 +12,10 @@ import pytest
 import torch
 import transformers as T
 
+from kvcompile import load
 from kvcompile._compat import cache_kw
 from kvcompile.codegen.lower import with_codegen
-from kvcompile.plan import MAX_LAYERS, Plan, PlanError, load
+from kvcompile.plan import MAX_LAYERS, Plan, PlanError
 from kvcompile.runtime import make_cache
 from kvcompile.runtime.builders import mixed_plan
 from kvcompile.strategies import from_spec

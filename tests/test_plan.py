@@ -12,11 +12,12 @@ import torch
 import transformers as T
 from transformers import AutoModelForCausalLM
 
+from kvcompile import load
 from kvcompile.api import plan_from_program
 from kvcompile.capture import capture
 from kvcompile.ir import Program
 from kvcompile.passes import PassContext, run_pipeline
-from kvcompile.plan import PlanConfig, PlanError, load
+from kvcompile.plan import PlanConfig, PlanError
 from kvcompile.targets import load_target
 
 

@@ -21,7 +21,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.platforms import current_platform
 
-from ..plan import load
+from ..codegen.check import load
 from . import EngineError
 from . import _vllm_sinks as sinks
 from .vllm import PLAN_ENV, installed_version, layer_settings

@@ -351,7 +351,7 @@ def serve_argv(plan: Plan, plan_path: str | os.PathLike[str], *, host: str = "12
 
 
 def _load(plan: Plan | str | os.PathLike[str]) -> tuple[Plan, Path]:
-    from ..plan import load
+    from ..codegen.check import load
 
     if isinstance(plan, Plan):
         raise PlanError("pass the .kvplan path: vLLM's processes load the plan from the file (hash-verified)")

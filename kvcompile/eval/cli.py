@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvcompile eval: --samples={args.samples} must be >= 1", file=sys.stderr)
         return 2
 
+    from ..codegen.check import load as load_plan
     from ..models import load as load_model
     from ..plan import PlanError
-    from ..plan import load as load_plan
 
     plan = None
     if args.plan:
