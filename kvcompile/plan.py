@@ -16,7 +16,7 @@ Example
 -------
 >>> plan = load("out.kvplan")                                  # doctest: +SKIP
 >>> cache = plan.make_cache(model)                             # doctest: +SKIP
->>> model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+>>> model.generate(ids, cache=cache, max_new_tokens=32)  # doctest: +SKIP
 """
 
 from __future__ import annotations

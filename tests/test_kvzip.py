@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcompile._compat import cache_kw
 from kvcompile.passes import calibration as cal
 from kvcompile.strategies import KNorm, KVzip, SnapKV, from_spec
 from kvcompile.strategies.kvzip import injected_scores, kvzip_prefill, reconstruction_scores
@@ -47,7 +48,7 @@ def test_reconstruction_scores_match_eager_reference_and_reuse_a_cache():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kw(cache), use_cache=True)
     again = reconstruction_scores(model, ids, chunk=64, cache=cache)
     assert cache.get_seq_length() == 40  # cropped back
     for a, b in zip(again, got, strict=True):

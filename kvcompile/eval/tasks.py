@@ -7,7 +7,7 @@ transformers' own ``DynamicCache`` — the uncompressed reference. :func:`as_cac
 Plan, a plan path, ``None`` or a callable into one.
 
 Question-agnostic by default: the context (haystack) is prefilled into the cache *before* the
-question is seen — ``model(ids[:, :context_len], past_key_values=cache)`` — then ``model.generate``
+question is seen — ``model(ids[:, :context_len], cache=cache)`` — then ``model.generate``
 continues from the full prompt on top of the compressed context, so strategies that score tokens at
 prefill (SnapKV, H2O) cannot peek at the question. ``question_aware=True`` runs one prefill of the
 whole prompt instead.
@@ -35,6 +35,7 @@ from typing import Any, cast
 
 import torch
 
+from .._compat import cache_kw
 from ..runtime import make_cache
 from .data import Sample, is_correct, make_niah_sample, make_passkey_sample, make_ppl_sample, source_info
 
@@ -141,7 +142,7 @@ def prefill_context(model: torch.nn.Module, sample: Sample, cache: Any) -> torch
     ids = sample.ids.to(next(model.parameters()).device)
     if has_kvzip(cache):  # KVzip groups score the context by re-reading it, then compact
         return kvzip_prefill(model, ids[:, : sample.context_len], cache, logits_to_keep=1).logits
-    return model(ids[:, : sample.context_len], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return model(ids[:, : sample.context_len], **cache_kw(cache), use_cache=True, logits_to_keep=1).logits
 
 
 @torch.no_grad()
@@ -154,7 +155,7 @@ def continue_answer(
     out = cast(Any, model).generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **cache_kw(cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         temperature=None,
@@ -304,7 +305,7 @@ def continuation_nll(
     # feeding ids[s:e] yields the logits that predict ids[s+1:e+1]; the last token is never fed
     for s in range(ctx, n - 1, chunk):
         e = min(s + chunk, n - 1)
-        out = model(ids[:, s:e], past_key_values=cache, use_cache=True).logits
+        out = model(ids[:, s:e], **cache_kw(cache), use_cache=True).logits
         nll += ce(out[0].float(), ids[0, s + 1 : e + 1], reduction="sum").item()
     return nll, n - ctx
 

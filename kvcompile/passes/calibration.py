@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from .._compat import cache_kw
 from ..ir import Damage, Program
 from ..strategies import Full, Strategy, from_spec, reference_attention
 from ..strategies._select import SelectStore
@@ -244,13 +245,13 @@ def _run_sample(
     probe = _Probe(record={})
     with probing(model, probe):
         with torch.no_grad():
-            model(ids[:, :ctx_len], past_key_values=cache, use_cache=True)
+            model(ids[:, :ctx_len], **cache_kw(cache), use_cache=True)
             if zips:  # KVzip's reconstruction scores re-read the context on top of this very cache
                 zscores = reconstruction_scores(model, ids[:, :ctx_len], chunk=min(c.chunk for c in zips),
                                                 cache=cache)
         probe.outs = {}
         with torch.enable_grad():
-            logits = model(ids[:, ctx_len:], past_key_values=cache, use_cache=True).logits[0].float()
+            logits = model(ids[:, ctx_len:], **cache_kw(cache), use_cache=True).logits[0].float()
             # positions t >= answer_start - 1 predict the scored tokens (the key digits / the prose)
             first = sample.answer_start - 1 - ctx_len
             tgt = ids[0, sample.answer_start: n]

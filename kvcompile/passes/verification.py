@@ -100,6 +100,9 @@ def combine(full: list[dict[str, Any]], plan: list[dict[str, Any]], tokens: int,
     return out
 
 
+ANSWER_HEADROOM = 64  # generated tokens per sample (answers, follow-up turns) above its prompt ids
+
+
 def measure(ctx: PassContext, fingerprint: str, assignment, samples: list[Any], tokens: int) -> dict[str, Any]:
     """Full cache vs ``assignment`` on ``samples`` (suite ``Sample``s); both halves memoised on disk."""
     t0 = time.perf_counter()
@@ -108,8 +111,11 @@ def measure(ctx: PassContext, fingerprint: str, assignment, samples: list[Any], 
     full = _disk_cached(ctx, {"fp": fingerprint, "s": ids, "n": tokens, "full": True},
                         lambda: _run(model, tok, samples, lambda: None, ctx.progress))
     plan_rows = [[dict(x) for x in row] for row in assignment]
+    # the cache's byte ceiling must cover prompt + questions + generated answers (token budgets are already
+    # rescaled to ``tokens``); a ceiling of ``tokens`` alone overflows with a PlanWarning on every sample
+    ceiling = max(len(i) for i in ids) + ANSWER_HEADROOM
     plan = _disk_cached(ctx, {"fp": fingerprint, "s": ids, "n": tokens, "a": plan_rows},
-                        lambda: _run(model, tok, samples, lambda: _plan_cache(model, assignment, tokens),
+                        lambda: _run(model, tok, samples, lambda: _plan_cache(model, assignment, ceiling),
                                      ctx.progress))
     return combine(full, plan, tokens, time.perf_counter() - t0)
 

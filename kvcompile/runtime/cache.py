@@ -220,7 +220,7 @@ class KVCompileLayer(CacheLayerMixin):
 
 
 class KVCompileCache(Cache):
-    """A transformers Cache built from a plan; pass it as ``past_key_values`` to forward/generate.
+    """A transformers Cache built from a plan; pass it as ``cache=`` (``kvcompile._compat.cache_kw``) to a model.
 
     Build it with :func:`kvcompile.runtime.make_cache` (or ``plan.make_cache(model)``), which checks
     the plan against the model first. One cache serves one batch of sequences; make a new one (or
