@@ -97,6 +97,7 @@ def test_calibration_set_spec_and_determinism(smol):
 def test_probe_captures_the_models_own_qkv(smol):
     model, tok = smol.model, smol.tokenizer
     ids = tok("The quick brown fox jumps over the lazy dog. " * 3, return_tensors="pt").input_ids
+    before = model.config._attn_implementation  # another test's make_cache may have switched it
     seen = {}
     hook = model.model.layers[2].self_attn.register_forward_hook(lambda m, a, o: seen.update(out=o[0]))
     probe = cal._Probe(record={})
@@ -105,7 +106,7 @@ def test_probe_captures_the_models_own_qkv(smol):
             model(ids, use_cache=False)
     finally:
         hook.remove()
-    assert model.config._attn_implementation == "sdpa"  # restored
+    assert model.config._attn_implementation == before  # restored
     q, k, v = probe.record[2][0]
     assert q.shape[1] == 9 and k.shape[1] == 3 and q.shape[2] == ids.shape[1]
     attn = reference_attention(q, k, v, None, probe.scale[2], causal_new=ids.shape[1])[0]
@@ -118,6 +119,7 @@ def test_run_calibration_and_warm_cache(smol, tmp_path, monkeypatch):
     monkeypatch.setenv("KVCOMPILE_CACHE_DIR", str(tmp_path))
     cands = [Full(), Quant(bits=2, group=32), SinkWindow(sinks=4, window=60)]
     kw = dict(context=256, calibration="default:1x256", progress=False)
+    before = smol.model.config._attn_implementation  # another test's make_cache may have switched it
     cold = cal.run_calibration(smol.model, smol.tokenizer, cands, **kw)
     dmg = cold["damage"]
     assert not cold["cache_hit"] and len(dmg) == 30 and len(dmg[0]) == 3 and len(dmg[0][0]) == 3
@@ -130,7 +132,7 @@ def test_run_calibration_and_warm_cache(smol, tmp_path, monkeypatch):
     warm = cal.run_calibration(smol.model, smol.tokenizer, cands, **kw)
     assert warm["cache_hit"] and time.perf_counter() - t0 < 5
     assert warm["damage"] == cold["damage"] and warm["sensitivity"] == cold["sensitivity"]
-    assert smol.model.config._attn_implementation == "sdpa"
+    assert smol.model.config._attn_implementation == before  # restored
 
 
 def test_priors_monotone_in_compression():
