@@ -172,3 +172,17 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"duplicate key {k[:40]!r} in an object")
         out[k] = v
     return out
+
+
+def read_json_object(path: Path, error: type[Exception], not_object: str, **limits: int) -> dict[str, Any]:
+    """:func:`read_json_strict` for a file that must hold a JSON object; every failure is one ``error``
+    naming ``path`` (``not_object`` may use ``{type}``, the JSON type found)."""
+    try:
+        raw = read_json_strict(path, **limits)
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    except JsonInputError as e:
+        raise error(f"{path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: {not_object.format(type=type(raw).__name__)}")
+    return raw

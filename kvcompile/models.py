@@ -31,7 +31,7 @@ from typing import Any, cast
 
 import torch
 
-from ._io import JsonInputError, read_json_strict
+from ._io import read_json_object
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -209,15 +209,8 @@ MAX_LAYERS, MAX_HEADS, MAX_HIDDEN = 1024, 4096, 1 << 17
 
 def _read_config(path: Path) -> dict[str, Any]:
     """A config JSON as a dict, read strictly (UTF-8, no NaN, bounded); ModelLoadError otherwise."""
-    try:
-        raw = read_json_strict(path, max_bytes=4 << 20, max_depth=16, max_nodes=100_000)
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    except JsonInputError as e:
-        raise ModelLoadError(f"{path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path}: a model config must be a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(path, ModelLoadError, "a model config must be a JSON object, got {type}",
+                            max_bytes=4 << 20, max_depth=16, max_nodes=100_000)  # fmt: skip
 
 
 def _check_geometry(config: Any, where: Path | str) -> None:

@@ -10,7 +10,7 @@ bounded strict JSON, strict typed fields with bounded numbers, then :meth:`Plan.
 every derived field (layer/head counts, strategy checks, exact byte predictions, placement, the
 schedule and kernel records). Kernel source is never taken from a plan to run (``codegen.cache``
 renders kernels from their keys), and no value of a plan is used as a path. ``make_cache`` also
-calls :func:`check_model` (fingerprint / dtype provenance). docs/bad_inputs.md lists the refusals.
+calls ``runtime.validate.check_model`` (fingerprint / dtype provenance). docs/bad_inputs.md lists the refusals.
 
 Example
 -------
@@ -31,7 +31,8 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
-from ._io import JsonInputError, check_json_shape, read_json_strict, write_atomic
+from ._io import JsonInputError, check_json_shape, read_json_object, write_atomic
+from .ir import dtype_bytes
 from .strategies import Strategy, from_spec
 
 SCHEMA_VERSION: Final = 1
@@ -219,8 +220,6 @@ class Plan(BaseModel):
         their decode tokens are all kept, so bytes after prefill+decode differ from a prefill of
         the same total length.
         """
-        from .ir import dtype_bytes
-
         n = self.config.context if tokens is None else tokens
         db = dtype_bytes(self.model.dtype)
         total = 0
@@ -230,8 +229,6 @@ class Plan(BaseModel):
 
     def full_kv_bytes(self, tokens: int | None = None, batch: int = 1, dtype: str | None = None) -> int:
         """Bytes of an uncompressed cache (``dtype`` default: the model dtype)."""
-        from .ir import dtype_bytes
-
         n = self.config.context if tokens is None else tokens
         db = dtype_bytes(dtype or self.model.dtype)
         return sum(s.num_kv_heads * (s.head_dim + s.v_head_dim) * db for s in self.model.sites) * n * batch
@@ -456,42 +453,6 @@ def _first_error(e: ValidationError) -> str:
     return _clip(f"{'.'.join(_clip(x, 60) for x in first['loc'])}: {first['msg']}")
 
 
-def check_model(plan: Plan, model: Any, *, strict: bool = False) -> list[str]:
-    """``make_cache``'s provenance gate: may this plan serve ``model`` (a transformers model)?
-
-    Runs the plan's own invariants (:meth:`Plan.verify`, without the derived fields: an in-memory
-    plan may have been edited with ``model_copy``), then compares provenance. A plan compiled from
-    real weights (``model.on_meta`` false) was calibrated and byte-counted on exactly those weights
-    and dtype, so another fingerprint or dtype is refused with a PlanError. A plan compiled from a
-    meta config cannot know the weights: a differing fingerprint or dtype is returned as a note
-    (``strict=True`` refuses it too). Geometry is checked by ``runtime.validate.check_plan``.
-    """
-    plan.verify(derived=False)
-    params = list(model.parameters()) if hasattr(model, "parameters") else []
-    model_dtype = str(params[0].dtype).removeprefix("torch.") if params else plan.model.dtype
-    from .models import fingerprint  # lazy: hashes a few weight tensors
-
-    fp = fingerprint(model)
-    problems = []
-    if plan.model.dtype != model_dtype:
-        problems.append(f"plan was compiled for dtype {plan.model.dtype}, the model runs in {model_dtype}")
-    notes = []
-    if plan.model.fingerprint != fp:
-        msg = f"model fingerprint {fp} differs from the plan's {plan.model.fingerprint[:40]}"
-        if any(hasattr(p, "to_local") for p in params):  # a tensor-parallel rank hashes only its shards
-            notes.append(msg + " (tensor-parallel rank: the fingerprint covers only its own shards)")
-        else:
-            problems.append(msg)
-    if problems and not plan.model.on_meta:
-        raise PlanError("plan does not match the model: " + "; ".join(problems)
-                        + " (the plan was compiled from other real weights; recompile it for this model)")  # fmt: skip
-    notes += [p + " (expected when the plan was compiled from a meta config; predicted bytes use the plan's dtype)"
-              for p in problems]  # fmt: skip
-    if strict and notes:
-        raise PlanError("strict plan check failed: " + "; ".join(notes))
-    return notes
-
-
 def load(path: str | os.PathLike[str]) -> Plan:
     """Read a plan that may come from anyone; return it only if every check passes.
 
@@ -502,14 +463,8 @@ def load(path: str | os.PathLike[str]) -> Plan:
     imported or used as a path. Raises :class:`PlanError` with a one-line reason.
     """
     path = Path(path)
-    try:
-        raw = read_json_strict(path, max_bytes=MAX_PLAN_BYTES, max_depth=MAX_JSON_DEPTH, max_nodes=MAX_JSON_NODES)
-    except OSError as e:
-        raise PlanError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    except JsonInputError as e:
-        raise PlanError(f"{path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise PlanError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, PlanError, "expected a JSON object",
+                           max_bytes=MAX_PLAN_BYTES, max_depth=MAX_JSON_DEPTH, max_nodes=MAX_JSON_NODES)  # fmt: skip
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION or type(version) is not int:
         raise PlanError(

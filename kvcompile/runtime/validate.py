@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..plan import Plan, PlanError, check_model
+from ..models import fingerprint
+from ..plan import Plan, PlanError
 from ..strategies import Strategy
 
 
@@ -91,5 +92,39 @@ def check_plan(plan: Plan, model: Any, *, strict: bool = False) -> tuple[list[li
             except ValueError as e:
                 raise PlanError(f"layer {i} head {h}: {s.label()}: {e}") from None
 
-    notes = check_model(plan, model, strict=strict)  # fingerprint / dtype provenance (plan.py)
+    notes = check_model(plan, model, strict=strict)  # fingerprint / dtype provenance
     return strategies, notes
+
+
+def check_model(plan: Plan, model: Any, *, strict: bool = False) -> list[str]:
+    """``make_cache``'s provenance gate: may this plan serve ``model`` (a transformers model)?
+
+    Runs the plan's own invariants (:meth:`Plan.verify`, without the derived fields: an in-memory
+    plan may have been edited with ``model_copy``), then compares provenance. A plan compiled from
+    real weights (``model.on_meta`` false) was calibrated and byte-counted on exactly those weights
+    and dtype, so another fingerprint or dtype is refused with a PlanError. A plan compiled from a
+    meta config cannot know the weights: a differing fingerprint or dtype is returned as a note
+    (``strict=True`` refuses it too). Geometry is checked by ``runtime.validate.check_plan``.
+    """
+    plan.verify(derived=False)
+    params = list(model.parameters()) if hasattr(model, "parameters") else []
+    model_dtype = str(params[0].dtype).removeprefix("torch.") if params else plan.model.dtype
+    fp = fingerprint(model)
+    problems = []
+    if plan.model.dtype != model_dtype:
+        problems.append(f"plan was compiled for dtype {plan.model.dtype}, the model runs in {model_dtype}")
+    notes = []
+    if plan.model.fingerprint != fp:
+        msg = f"model fingerprint {fp} differs from the plan's {plan.model.fingerprint[:40]}"
+        if any(hasattr(p, "to_local") for p in params):  # a tensor-parallel rank hashes only its shards
+            notes.append(msg + " (tensor-parallel rank: the fingerprint covers only its own shards)")
+        else:
+            problems.append(msg)
+    if problems and not plan.model.on_meta:
+        raise PlanError("plan does not match the model: " + "; ".join(problems)
+                        + " (the plan was compiled from other real weights; recompile it for this model)")  # fmt: skip
+    notes += [p + " (expected when the plan was compiled from a meta config; predicted bytes use the plan's dtype)"
+              for p in problems]  # fmt: skip
+    if strict and notes:
+        raise PlanError("strict plan check failed: " + "; ".join(notes))
+    return notes
