@@ -38,14 +38,16 @@ FAMILIES = ("single", "multi", "twohop", "followup", "lm")
 RETRIEVAL = ("single", "multi", "twohop", "followup")
 SPLITS = ("calib", "verify", "test")
 CALIB_FAMILIES = ("single", "multi", "lm")
-VERSION = 1  # bump when samples change (calibration cache keys include it)
+VERSION = 2  # bump when samples change (calibration cache keys include it)
 LM_TARGET = 128
 MAX_NEW = 12
 
 TEXTS = {
     "calib": ("calibration/prose.txt", "corpus/nature.txt"),
-    "verify": ("corpus/cooking.txt", "corpus/travel.txt"),
-    "test": ("corpus/history.txt", "corpus/science.txt"),
+    "verify": ("corpus/cooking.txt", "corpus/travel.txt", "corpus/architecture.txt", "corpus/sports.txt",
+               "corpus/medicine.txt"),
+    "test": ("corpus/history.txt", "corpus/science.txt", "corpus/astronomy.txt", "corpus/music.txt",
+             "corpus/economics.txt"),
 }
 INTRO = {
     "calib": "There is an important piece of information hidden inside a lot of irrelevant text. "
