@@ -87,9 +87,11 @@ def optimize(
     tgt = _resolve_target(target, gpus)
     if engine is not None:  # a serving engine: only its correct per-layer settings (kvcompile/engines)
         from .engines import get as get_engine
+        from .passes.calibration_set import load_set
 
-        get_engine(engine)
-        options = {**options, "engine": engine, "max_kernels_per_layer": 1}
+        # verified where it will be served: at the plan's context, >= 3 samples per family (user options win)
+        defaults = get_engine(engine).verify_options(context, len(load_set(calibration).heldout))
+        options = {**defaults, **options, "engine": engine, "max_kernels_per_layer": 1}
         if kv_budget is None and kv_budget_bytes is None and latency_budget_s is None:
             kv_budget = 1.0  # the engine's uncompressed setting still has to be chosen
     try:

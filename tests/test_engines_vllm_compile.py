@@ -200,3 +200,58 @@ def test_serve_refuses_without_starting_a_server(tmp_path, case):
     else:
         want = {"no-engine": "not compiled for vLLM", "int4": "not executed by vLLM", "version": "0.0.1"}[case]
         assert want in lines[0]
+
+
+def test_engine_plans_verify_at_their_context_with_three_samples_per_family():
+    from kvcompile.api import optimize
+    from kvcompile.models import load
+    from kvcompile.passes.calibration_set import load_set
+    from kvcompile.passes.verification import heldout_samples
+
+    plan = optimize("llama-3-8b", target="cpu", context=2048, kv_budget=0.3, engine="vllm", progress=False)
+    cset = load_set(None)
+    assert plan.config.planner.verify_tokens == 2048
+    assert plan.config.planner.verify_samples == ev.VERIFY_PER_FAMILY * len(cset.heldout)
+    # the held-out list is cycled with new seeds: 3 distinct samples of every family, none repeated
+    tok = load("smollm2-135m").tokenizer
+    ss = heldout_samples(tok, cset, 256, plan.config.planner.verify_samples)
+    fams = [s.meta["family"] for s in ss]
+    assert all(fams.count(f) == ev.VERIFY_PER_FAMILY for f in {it["kind"] for it in cset.heldout})
+    assert len({(s.meta["family"], s.meta["seed"]) for s in ss}) == len(ss)
+    assert len({tuple(s.ids[0].tolist()) for s in ss}) == len(ss)
+    assert all(s.ids.shape[1] <= 256 for s in ss)
+
+
+def _rows(fam, outcomes):
+    """Suite rows: retrieval ``outcomes`` are correct flags; lm ones are (nll, tokens)."""
+    if fam == "lm":
+        return [{"family": fam, "seed": i, "nll": nll, "tokens": t} for i, (nll, t) in enumerate(outcomes)]
+    return [{"family": fam, "seed": i, "correct": c} for i, c in enumerate(outcomes)]
+
+
+def test_prediction_check_compares_changes_with_a_standard_error_band():
+    measured = {"families": {"single": {"n": 3, "metric": "accuracy", "full": 1.0, "plan": 2 / 3},
+                             "lm": {"n": 3, "metric": "ppl", "full": 10.0, "plan": 12.0}}}
+    full = _rows("single", [1, 1, 0, 1, 1, 0, 1, 1]) + _rows("lm", [(100.0, 100), (200.0, 100), (150.0, 100)])
+    plan = _rows("single", [1, 0, 0, 1, 1, 0, 1, 1]) + _rows("lm", [(120.0, 100), (215.0, 100), (166.0, 100)])
+    chk = ev.prediction_check(measured, full, plan)
+    s, lm = chk["families"]["single"], chk["families"]["lm"]
+    assert s["measured"]["delta"] == pytest.approx(-1 / 8) and s["predicted"]["delta"] == pytest.approx(-1 / 3)
+    # one discordant pair of 8: variance (1 + 1) / (8 + 2), se over both sample sets
+    assert s["tolerance"] == pytest.approx(ev.Z * math.sqrt(0.2 * (1 / 3 + 1 / 8)))
+    assert s["within"] and s["n_predicted"] == 3 and s["n_measured"] == 8
+    ratios = [0.2, 0.15, 0.16]
+    mean = sum(ratios) / 3
+    sd = math.sqrt(sum((r - mean) ** 2 for r in ratios) / 2)
+    assert lm["measured"]["ppl_delta"] == pytest.approx(math.expm1(51 / 300))
+    assert lm["predicted"]["ppl_delta"] == pytest.approx(0.2)
+    assert lm["log_ratio"]["tolerance"] == pytest.approx(ev.Z * sd * math.sqrt(2 / 3))
+    assert lm["within"]  # |0.170 - log 1.2| = 0.012 < 0.043
+    # a prediction far outside the band is reported as such; the same samples leave only one flip / 0.05
+    far = {"families": {"lm": {"n": 3, "metric": "ppl", "full": 10.0, "plan": 20.0}}}
+    assert ev.prediction_check(far, full, plan)["within"] is False
+    same = ev.prediction_check(measured, full, plan, same_samples=True)
+    assert same["families"]["single"]["tolerance"] == pytest.approx(1 / 8)
+    assert not same["families"]["single"]["within"]  # -1/8 vs -1/3 is more than one flip in 8
+    with pytest.raises(ValueError, match="not the same samples"):
+        ev.prediction_check(measured, full[:-1], plan)

@@ -29,6 +29,8 @@ import importlib.metadata
 import json
 import math
 import os
+import re
+import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ IN_FLIGHT = 128  # max_num_batched_tokens the plan is built for (a window layer 
 MAX_NUM_SEQS = 64
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
 SINKS = 16  # sink tokens of a windowed layer (StreamingLLM keeps 4; up to a block costs the same)
+VERIFY_PER_FAMILY = 3  # verification samples per held-out family for an engine plan (the default set: 1 each)
 
 
 # ---- compile side ----------------------------------------------------------------------------------------
@@ -103,6 +106,14 @@ def candidates(context: int, target: Any, kv_budget: float | None = None) -> lis
         reserve = reserve_for(w, context, block) + math.ceil(sinks / block) * block
         out.append(Paged(kv_dtype="fp8_e4m3", window=w, reserve=reserve, sinks=sinks))
     return out
+
+
+def verify_options(context: int, heldout: int) -> dict[str, int]:
+    """Planner defaults for a plan this engine will serve: verify at the plan's context (vLLM's windows are
+    absolute token counts, so a shorter verification measures another plan) with ``VERIFY_PER_FAMILY``
+    samples of each of the calibration set's ``heldout`` families (the verification pass cycles its
+    held-out list with shifted seeds), so the plan's recorded per-family prediction has ``n >= 3``."""
+    return {"verify_tokens": max(128, context), "verify_samples": min(64, VERIFY_PER_FAMILY * max(1, heldout))}
 
 
 def layer_settings(plan: Plan, platform: str = "cpu") -> list[dict[str, Any]]:
@@ -356,3 +367,133 @@ def _load(plan: Plan | str | os.PathLike[str]) -> tuple[Plan, Path]:
     if isinstance(plan, Plan):
         raise PlanError("pass the .kvplan path: vLLM's processes load the plan from the file (hash-verified)")
     return load(plan), Path(plan)
+
+
+# ---- quality through vLLM vs the plan's prediction -------------------------------------------------------------
+def run_suite(llm_: Any, tokenizer: Any, samples: list[Any]) -> list[dict[str, Any]]:
+    """The eval suite's samples through a ``vllm.LLM``: rows as :func:`kvcompile.eval.suite.run_sample`
+    returns them (``family``, ``seed``, ``correct`` / ``nll`` + ``tokens``), so ``suite.summarize`` and
+    :func:`prediction_check` read them.
+
+    vLLM prefills the whole prompt (context + question); for a ``paged`` plan that is what the
+    question-agnostic emulation computes, since its stores keep tokens by position only. Second turns
+    (``twohop``, ``followup``) re-send the first prompt + the first answer's tokens + the next turn, as
+    ``suite.run_sample`` feeds them to its cache. ``lm``: NLL of the scored tokens from vLLM's prompt logprobs.
+    """
+    from vllm import SamplingParams
+
+    from ..eval import suite
+
+    greedy = SamplingParams(max_tokens=suite.MAX_NEW, temperature=0)
+
+    def gen(prompts: list[list[int]]) -> list[str]:
+        if not prompts:
+            return []
+        outs = llm_.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+    rows: list[dict[str, Any]] = [{"family": s.meta["family"], "seed": s.meta["seed"]} for s in samples]
+    ret = [i for i, s in enumerate(samples) if s.meta["family"] != "lm"]
+    for i, text in zip(ret, gen([samples[i].ids[0].tolist() for i in ret]), strict=True):
+        s = samples[i]
+        rows[i].update(answer=s.answer, generated=text,
+                       correct=suite.is_correct(text, s.answer, s.meta.get("distractors", ())))
+    second: list[int] = []
+    prompts: list[list[int]] = []
+    for i in ret:
+        s, r = samples[i], rows[i]
+        first = suite._answer_tokens(tokenizer, r["generated"])
+        if s.meta["family"] == "twohop":  # the model's own place name goes into the second hop (as run_sample)
+            place = re.split(r"[.,\n]", r["generated"].strip(), maxsplit=1)[0].strip()
+            place = re.sub(r"^the ", "", place, flags=re.IGNORECASE)
+            sep = "" if r["generated"].rstrip().endswith(".") else "."
+            nxt = suite._encode(tokenizer, sep + s.meta["hop2"].format(p=place))
+            r["place"] = place
+        elif s.meta["family"] == "followup":
+            nxt = list(s.meta["followup"])
+        else:
+            continue
+        second.append(i)
+        prompts.append(s.ids[0].tolist() + first + nxt)
+    for i, text in zip(second, gen(prompts), strict=True):
+        s, r = samples[i], rows[i]
+        if s.meta["family"] == "followup":
+            r.update(turn1=r.pop("correct"), answer=s.meta["answer2"], generated2=text,
+                     correct=suite.is_correct(text, s.meta["answer2"]))
+        else:
+            r.update(generated2=text, correct=suite.is_correct(text, s.answer, s.meta.get("distractors", ())))
+    lm = [i for i, s in enumerate(samples) if s.meta["family"] == "lm"]
+    if lm:
+        outs = llm_.generate([{"prompt_token_ids": samples[i].ids[0].tolist()} for i in lm],
+                             SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        for i, o in zip(lm, outs, strict=True):
+            ids, ctx = samples[i].ids[0].tolist(), samples[i].context_len
+            nll = -sum(o.prompt_logprobs[t][ids[t]].logprob for t in range(ctx, len(ids)))
+            rows[i].update(nll=nll, tokens=len(ids) - ctx)
+    return rows
+
+
+Z = 2.0  # the prediction band: Z standard errors of (measured - predicted), about 95 %
+SAME_SAMPLE_LM_TOL = 0.05  # log-ppl: vLLM's bf16 kernels vs the fp32 emulation on identical samples
+
+
+def prediction_check(measured: dict[str, Any], full_rows: list[dict[str, Any]], plan_rows: list[dict[str, Any]],
+                     *, z: float = Z, same_samples: bool = False) -> dict[str, Any]:
+    """Per family: the quality change the plan's verification predicted (``plan.measured``: plan vs full
+    cache on its ``n`` held-out samples) against the change measured through the engine (``plan_rows`` vs
+    ``full_rows``: :func:`run_suite` rows of the plan and of vLLM's own ``auto`` cache, same samples).
+
+    The compared quantity is the change against the full cache, not the absolute score, because the
+    prediction and the measurement may use different samples (the ``verify`` vs the ``test`` split):
+    retrieval ``accuracy(plan) - accuracy(full)``; ``lm`` ``log(ppl(plan) / ppl(full))`` (reported also as
+    ``ppl_delta``). Tolerance ``z`` standard errors of the difference of the two estimates, treating both
+    sample sets as draws from one population: retrieval, per-sample paired differences in {-1, 0, 1} with
+    variance at most the discordance rate, estimated add-one smoothed (``(discordant + 1) / (n + 2)``, never
+    0) from the measured pairs; ``lm``, the standard deviation of the per-sample log-ppl ratio of the
+    measured pairs. ``se = sd * sqrt(1 / n_predicted + 1 / n_measured)``. With ``same_samples`` (the
+    engine ran the very samples the plan was verified on) only numerics differ: the tolerance is one
+    flipped answer (``1 / n``) per retrieval family and ``SAME_SAMPLE_LM_TOL`` in log-ppl.
+    """
+    out: dict[str, Any] = {}
+    for fam, pred in sorted(measured.get("families", {}).items()):
+        full = {r["seed"]: r for r in full_rows if r["family"] == fam}
+        plan = {r["seed"]: r for r in plan_rows if r["family"] == fam}
+        if not plan:
+            continue
+        if set(full) != set(plan):
+            raise ValueError(f"family {fam}: the plan and full-cache rows are not the same samples")
+        seeds = sorted(plan)
+        n_p, n_m = int(pred["n"]), len(seeds)
+        row: dict[str, Any] = {"metric": pred["metric"], "n_predicted": n_p, "n_measured": n_m}
+        if fam == "lm":
+            tok = sum(plan[k]["tokens"] for k in seeds)
+            dp = math.log(pred["plan"] / pred["full"])
+            dm = (sum(plan[k]["nll"] for k in seeds) - sum(full[k]["nll"] for k in seeds)) / tok
+            ratios = [(plan[k]["nll"] - full[k]["nll"]) / plan[k]["tokens"] for k in seeds]
+            sd = statistics.stdev(ratios) if n_m >= 2 else math.inf
+            tol = SAME_SAMPLE_LM_TOL if same_samples else z * sd * math.sqrt(1 / n_p + 1 / n_m)
+            row.update(
+                predicted={"full": pred["full"], "plan": pred["plan"], "ppl_delta": math.expm1(dp)},
+                measured={"full": math.exp(sum(full[k]["nll"] for k in seeds) / tok),
+                          "plan": math.exp(sum(plan[k]["nll"] for k in seeds) / tok), "ppl_delta": math.expm1(dm),
+                          "per_sample_log_ratio_sd": sd},
+                log_ratio={"predicted": dp, "measured": dm, "tolerance": tol},
+                band_ppl_delta=[math.expm1(dp - tol), math.expm1(dp + tol)],
+            )
+        else:
+            dp = pred["plan"] - pred["full"]
+            diffs = [int(bool(plan[k]["correct"])) - int(bool(full[k]["correct"])) for k in seeds]
+            dm = sum(diffs) / n_m
+            var = (sum(d != 0 for d in diffs) + 1) / (n_m + 2)
+            tol = 1 / n_m if same_samples else z * math.sqrt(var * (1 / n_p + 1 / n_m))
+            row.update(
+                predicted={"full": pred["full"], "plan": pred["plan"], "delta": dp},
+                measured={"full": sum(bool(full[k]["correct"]) for k in seeds) / n_m,
+                          "plan": sum(bool(plan[k]["correct"]) for k in seeds) / n_m, "delta": dm,
+                          "discordant": sum(d != 0 for d in diffs)},
+                tolerance=tol, band_delta=[dp - tol, dp + tol],
+            )
+        row["within"] = abs(dm - dp) <= tol + 1e-12
+        out[fam] = row
+    return {"families": out, "within": all(r["within"] for r in out.values()) if out else None,
+            "z": None if same_samples else z, "same_samples": same_samples}

@@ -4,8 +4,9 @@
 (the shared task library :mod:`kvcompile.eval.suite`, its ``verify`` split: phrasings, names and filler
 texts disjoint from calibration's, and families calibration never saw) built at the plan's context
 (capped at ``options["verify_tokens"]``, default 1024; the first ``options["verify_samples"]``, default
-all five: one per family; a plan for a longer context is verified with its token budgets rescaled to
-that length, noted), question-agnostic (the context goes through the plan's cache before the question):
+all five: one per family, more cycle the list with seeds + 1000; a plan for a longer context is verified
+with its token budgets rescaled to that length, noted, except a serving engine's plan, whose windows are
+absolute), question-agnostic (the context goes through the plan's cache before the question):
 
 * ``families``: per family ``{"n", "full", "plan"}``: retrieval accuracy (``single``, ``multi``,
   ``twohop``, ``followup``) or perplexity of the continuation (``lm``), full cache vs the plan;
@@ -138,6 +139,17 @@ def passes_tolerance(m: dict[str, Any], tolerance: float | None) -> bool:
     return not failing_families(m, tolerance)
 
 
+def heldout_samples(tokenizer: Any, cset: Any, tokens: int, k: int) -> list[Any]:
+    """The ``k`` suite samples ``verify_plan`` measures: the set's held-out list, cycled with seeds + 1000
+    beyond its length (as ``calibration_set``'s ``NAME:N``), ``tokens`` long, from its held-out split."""
+    from ..eval.suite import make_sample
+
+    base = cset.heldout
+    items = [base[i % len(base)] | {"seed": int(base[i % len(base)]["seed"]) + 1000 * (i // len(base))}
+             for i in range(k if base else 0)]
+    return [make_sample(tokenizer, it["kind"], cset.heldout_split, tokens, int(it["seed"])) for it in items]
+
+
 @contract(requires=(ASSIGNMENT, "candidates", "damage", "solve"),
           provides=("measured", "notes", ASSIGNMENT, "solve", "predicted", "damage_scale"))
 def verify_plan(program: Program, ctx: PassContext) -> Program:
@@ -146,8 +158,6 @@ def verify_plan(program: Program, ctx: PassContext) -> Program:
     Guarantees ``facts["measured"]`` with the keys in the module docstring plus ``iterations``,
     ``within_tolerance`` and ``failing``; may replace ``assignment`` by a re-solved one.
     """
-    from ..eval.suite import make_sample
-
     if "solve" not in program.facts or ctx.model is None or ctx.tokenizer is None or program.model.on_meta:
         return program
     if not ctx.opt("verify", True):
@@ -155,16 +165,19 @@ def verify_plan(program: Program, ctx: PassContext) -> Program:
     cset = load_set(ctx.config.calibration)
     context = ctx.config.context
     n = min(context, int(ctx.opt("verify_tokens", 1024)))
-    held = cset.heldout[: int(ctx.opt("verify_samples", len(cset.heldout)))]
-    samples = [make_sample(ctx.tokenizer, item["kind"], cset.heldout_split, n, int(item["seed"])) for item in held]
+    samples = heldout_samples(ctx.tokenizer, cset, n, int(ctx.opt("verify_samples", len(cset.heldout))))
     notes = list(program.facts.get("notes", ()))
-    if n < context:
+    # a serving engine's windows are absolute token counts: an engine plan is measured as the engine runs it
+    rescaled = n < context and not ctx.options.get("engine")
+    if rescaled:
         notes.append(f"verified at {n} tokens (plan context {context}): token budgets rescaled by "
                      f"{n / context:.3g}")
+    elif n < context:
+        notes.append(f"verified at {n} tokens (plan context {context}): the engine's settings as they are")
 
     def run(p: Program) -> dict[str, Any]:
         assignment: Any = p.assignment
-        if n < context:
+        if rescaled:
             assignment = [[rescale(from_spec(s), n / context).to_spec() for s in row] for row in assignment]
         return measure(ctx, program.model.fingerprint, assignment, samples, n)
 
