@@ -414,6 +414,7 @@ def run_suite(llm_: Any, tokenizer: Any, samples: list[Any]) -> list[dict[str, A
         else:
             continue
         second.append(i)
+        r["turn2_ids"] = first + nxt  # what the second prompt appends to the sample's ids
         prompts.append(s.ids[0].tolist() + first + nxt)
     for i, text in zip(second, gen(prompts), strict=True):
         s, r = samples[i], rows[i]
