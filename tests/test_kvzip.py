@@ -8,7 +8,8 @@ import torch
 
 from kvcompile._compat import cache_kw
 from kvcompile.passes import calibration as cal
-from kvcompile.strategies import KNorm, KVzip, SnapKV, from_spec
+from kvcompile.strategies import Compose, KNorm, KVzip, Quant, SnapKV, from_spec
+from kvcompile.strategies._select import SelectStore
 from kvcompile.strategies.kvzip import injected_scores, kvzip_prefill, reconstruction_scores
 
 
@@ -109,3 +110,24 @@ def test_calibration_mass_memo_is_exact(cands):
     assert len(memo) == 2  # obs windows 8 and 4
     for a, b in zip(with_memo, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", [
+    SnapKV(budget=20, obs_window=8), SnapKV(budget=30, obs_window=1, pool_kernel=1),
+    Compose(select=SnapKV(budget=40, obs_window=6), quant=Quant(bits=4, group=16, residual=8))])
+def test_observe_prefill_keeps_what_attend_keeps(strategy):
+    """Calibration's score-only prefill (``SelectStore.observe_prefill``: the window's mass, no context
+    output) keeps exactly the tokens a store that ran the full ``attend`` keeps."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 4, 80, 16), torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16)
+    ok = torch.ones(1, 80, dtype=torch.bool)
+    stores = [strategy.new_store(batch=1, num_heads=2, head_dim=16, gqa=2, dtype=torch.float32, device="cpu")
+              for _ in range(2)]
+    stores[0].attend(q, k, v, ok, 0.25)
+    sel = stores[1] if isinstance(stores[1], SelectStore) else stores[1].sel
+    sel.observe_prefill(q, k, v, ok, 0.25)
+    for s in stores:
+        s.append(k, v, q, ok)
+    q2, k2, v2 = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    outs = [s.attend(q2, k2, v2, torch.ones(1, 3, dtype=torch.bool), 0.25) for s in stores]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

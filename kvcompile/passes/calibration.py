@@ -16,8 +16,9 @@ of prose samples) when only that head's cache is the candidate's store:
   (one backward pass per sample over the observation tokens, on top of the cached context). The
   product is the diagonal empirical-Fisher estimate of the loss increase (nats) for an error of that
   size; it is large exactly where the answer depends on the head (retrieval heads) and small where it
-  does not, whatever the error. Damages are averaged over samples. ``sensitivity[l]`` (reported) is
-  the same with ``delta`` replaced by the output itself.
+  does not, whatever the error. Damages are aggregated over samples as mean + standard deviation
+  (:func:`robust_damage`). ``sensitivity[l]`` (reported) is the same with ``delta`` replaced by the
+  output itself.
 
 q/k/v (post-RoPE) are recorded through a registered attention function
 (``AttentionInterface.register("kvcompile_calibrate", ...)`` + ``model.set_attn_implementation``, the
@@ -57,7 +58,7 @@ from .context import PassContext, contract
 
 log = logging.getLogger("kvcompile.passes.calibrate")
 
-CALIB_VERSION = 4
+CALIB_VERSION = 5
 LAST_WEIGHT = 0.5  # share of the final observation position (the answer query) in every average
 ATTN_NAME = "kvcompile_calibrate"
 TOKEN_FIELDS = ("window", "budget", "recent", "decode_window")
@@ -136,16 +137,20 @@ def head_errors(
     c = slice(0, context_len)
     valid_c = torch.ones(1, context_len, dtype=torch.bool, device=q.device)
     if observes(strategy):  # the context's own attention output is not needed, only what the store sees
-        # plain selections observe a mass that depends only on (observe, obs_window): computed once per
-        # layer (``memo``) and handed to the next store of the same kind (tests/test_calibrate.py)
-        sel = store if isinstance(store, SelectStore) else None
-        key = (getattr(strategy, "observe", None), getattr(strategy, "obs_window", None)) if sel else None
+        # selections (plain, or the prefill selector of a composition) observe a mass that depends only
+        # on (observe, obs_window): computed once per layer (``memo``) and handed to the next store of
+        # the same kind; a window observer computes only its window's mass (tests/test_calibrate.py)
+        sel = store if isinstance(store, SelectStore) else getattr(store, "sel", None)
+        sel = sel if isinstance(sel, SelectStore) else None
+        key = (sel.s.observe, getattr(sel.s, "obs_window", None)) if sel is not None else None
         if sel is not None and memo is not None and key in memo:
             sel._mass = memo[key]
+        elif sel is not None:
+            sel.observe_prefill(q[:, :, c], k[:, :, c], v[:, :, c], valid_c, scale)
+            if memo is not None:
+                memo[key] = sel._mass
         else:
             store.attend(q[:, :, c], k[:, :, c], v[:, :, c], valid_c, scale)
-            if sel is not None and memo is not None:
-                memo[key] = sel._mass
     store.append(k[:, :, c], v[:, :, c], q[:, :, c], valid_c)
     o = slice(context_len, n)
     valid_o = torch.ones(1, t, dtype=torch.bool, device=q.device)
@@ -328,17 +333,14 @@ def run_calibration(
     t0 = time.perf_counter()
     samples = [build_sample(tokenizer, cset, item) for item in cset.samples]
     n_layers = model.config.num_hidden_layers
-    err_sum: list[list[list[float]]] | None = None
+    per_sample: list[torch.Tensor] = []
     sens_sum = [0.0] * n_layers
     bar = tqdm(total=len(samples) * n_layers, desc="calibrate", unit="layer", disable=not progress,
                leave=False)
     try:
         for sample in samples:
             e2, sens = _run_sample(model, sample, scaled, bar)
-            err_sum = e2 if err_sum is None else [
-                [[a + b for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(la, lb, strict=True)]
-                for la, lb in zip(err_sum, e2, strict=True)
-            ]
+            per_sample.append(torch.tensor(e2, dtype=torch.float64))
             sens_sum = [a + b for a, b in zip(sens_sum, sens, strict=True)]
     finally:
         bar.close()
@@ -351,7 +353,7 @@ def run_calibration(
         "samples": n,
         "tokens": cset.tokens,
         "specs": specs,
-        "damage": [[[x / n for x in row] for row in layer] for layer in err_sum or []],
+        "damage": robust_damage(per_sample).tolist() if per_sample else [],
         "sensitivity": [s / n for s in sens_sum],
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -359,6 +361,20 @@ def run_calibration(
         _write_json(path, data)
     data["cache_hit"] = False
     return data
+
+
+def robust_damage(per_sample: list[torch.Tensor]) -> torch.Tensor:
+    """Mean + standard deviation over the calibration samples of each (layer, head, candidate) damage.
+
+    The solver sums damages over heads, so a plain mean bets on what the few calibration samples
+    happened to show. Question-agnostic token selection is the case that matters: whether a head's
+    selection keeps the fact a later question asks for varies from sample to sample (large spread),
+    while quantization error is similar on every sample (small spread). Charging the spread makes
+    the plan robust to the workload it was not calibrated on rather than tuned to the calibration
+    facts; with one sample it is the mean.
+    """
+    x = torch.stack(per_sample)
+    return x.mean(0) + (x.std(0, correction=0) if len(per_sample) > 1 else 0.0)
 
 
 # ---- literature priors (meta models) --------------------------------------------------------------

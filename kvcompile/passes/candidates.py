@@ -37,24 +37,18 @@ def target_allows(strategy: Strategy, target: Target) -> bool:
 def planner_grid(context: int) -> list[Strategy]:
     """``full`` + ``strategies.default_instances(context)`` without the candidates that cost the most
     calibration time for the least value: standalone H2O (in the question-agnostic setting SnapKV
-    keeps what H2O keeps and more, SnapKV paper Table 1; H2O stays inside MiKV) and token selections
-    keeping half the context (dominated by quantization at the same bytes). Only the first MiKV."""
+    keeps what H2O keeps and more, SnapKV paper Table 1), MiKV (0.41 of bf16 at 1k: between fp8 and
+    4-bit KIVI, which the solver mixes per head for less; its H2O scoring is the costliest to
+    calibrate) and token selections keeping half the context (dominated by quantization at the same
+    bytes). KVzip is a baseline, not a candidate: its reconstruction pass triples the prefill and it
+    retrieved nothing at 25 % of the bytes in benchmarks/planner_frontier.py's screening (n = 2 per
+    family, 1k tokens)."""
     out: list[Strategy] = [Full()]
-    mikv = 0
     for s in default_instances(context):
         half = isinstance(s, (SnapKV, SinkWindow)) and s.kept(context) > context // 3
-        if s.name == "heavy_hitter" or half:
+        if s.name in ("heavy_hitter", "mikv") or half:
             continue
-        if s.name == "mikv":
-            mikv += 1
-            if mikv > 1:
-                continue
         out.append(s)
-    # question-agnostic selection by context reconstruction (KVzip) at 25 % / 12.5 % of the tokens
-    kvzip: Any = REGISTRY.get("kvzip")
-    if kvzip is not None:
-        for frac in (0.25, 0.125):
-            out.append(kvzip(budget=max(8, int(context * frac))))
     # int8 copies of the kept tokens (near lossless, KIVI) double what a selection keeps at equal bytes
     comp: Any = REGISTRY.get("compose")
     if comp is not None:

@@ -120,6 +120,18 @@ class SelectStore(Store):
         self._mass = None if mass is None else mass[..., ne:]
         return out
 
+    def observe_prefill(self, q, k_new, v_new, valid_new, scale) -> None:
+        """Record what :meth:`attend` would record for the next append, without its output (callers that
+        only score, like calibration): a window observer's first append needs only the last
+        ``obs_window`` queries' mass, not the quadratic context attention."""
+        if self.s.observe != "window" or self.k is not None:
+            self.attend(q, k_new, v_new, valid_new, scale)
+            return
+        B, Hg, T = k_new.shape[:3]
+        w = min(self.s.obs_window, T)
+        key_ok = valid_new[:, None, :].expand(B, Hg, T)
+        self._mass = masked_attention(q[:, :, T - w :], k_new, v_new, key_ok, scale, col_sums=True)[1]
+
     def observe(self, mass: torch.Tensor) -> None:
         """Record attention mass computed elsewhere (a kernel that replaced :meth:`attend`):
         [B, Hg, Nk + T] float32 over the stored then the new tokens, summed over queries and the
