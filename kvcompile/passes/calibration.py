@@ -53,6 +53,7 @@ from .._compat import cache_kw
 from ..ir import Damage, Program
 from ..strategies import Full, Strategy, from_spec, reference_attention
 from ..strategies._select import SelectStore
+from ._workers import fork_map, worker_count
 from .calibration_set import CalibrationSample, build_sample, load_set
 from .context import PassContext, contract
 
@@ -288,7 +289,8 @@ def _run_sample(
                 per_cand.append((0.5 * w * sq / d).view(hk, hq // hk, t).sum((1, 2)))
             damage.append(torch.stack(per_cand, dim=1).tolist())  # [Hk][C]
             del record[layer]
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
     return damage, sens
 
 
@@ -306,12 +308,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def run_calibration(
     model: Any, tokenizer: Any, cands: list[Strategy], *, context: int, calibration: str | None = None,
-    progress: bool = True, cache: bool = True,
+    progress: bool = True, cache: bool = True, workers: int | None = None,
 ) -> dict[str, Any]:
     """Measure ``err2`` and ``sensitivity`` for ``cands`` (defined at ``context``) on the real model.
 
     Returns a JSON-able dict: ``err2[l][h][c]``, ``sensitivity[l]``, the rescaled specs, timings and
-    ``cache_hit``. Reads/writes ``models.cache_dir()/calibration/<key>.json`` when ``cache``.
+    ``cache_hit``. Reads/writes ``models.cache_dir()/calibration/<key>.json`` when ``cache``. ``workers``:
+    processes the samples are spread over (:mod:`._workers`; None = the usable cores, at most 4).
     """
     from tqdm.auto import tqdm
 
@@ -333,17 +336,18 @@ def run_calibration(
     t0 = time.perf_counter()
     samples = [build_sample(tokenizer, cset, item) for item in cset.samples]
     n_layers = model.config.num_hidden_layers
-    per_sample: list[torch.Tensor] = []
     sens_sum = [0.0] * n_layers
     bar = tqdm(total=len(samples) * n_layers, desc="calibrate", unit="layer", disable=not progress,
                leave=False)
-    try:
-        for sample in samples:
-            e2, sens = _run_sample(model, sample, scaled, bar)
-            per_sample.append(torch.tensor(e2, dtype=torch.float64))
-            sens_sum = [a + b for a, b in zip(sens_sum, sens, strict=True)]
+    try:  # samples are independent: one per worker process (passes/_workers.py), summed in sample order
+        results = fork_map(lambda s: _run_sample(model, s, scaled, None), samples,
+                           worker_count({"workers": workers}, len(samples)),
+                           on_result=lambda i, r: bar.update(n_layers))
     finally:
         bar.close()
+    per_sample = [torch.tensor(e2, dtype=torch.float64) for e2, _ in results]
+    for _, sens in results:
+        sens_sum = [a + b for a, b in zip(sens_sum, sens, strict=True)]
     n = len(samples)
     data = {
         "key": key,
@@ -445,7 +449,7 @@ def calibrate(program: Program, ctx: PassContext) -> Program:
     data = run_calibration(
         model, ctx.tokenizer, cands, context=context, calibration=ctx.config.calibration,
         progress=ctx.progress,
-        cache=bool(ctx.options.get("calibration_cache", True)),
+        cache=bool(ctx.options.get("calibration_cache", True)), workers=ctx.options.get("workers"),
     )
     sens = data["sensitivity"]
     values = data["damage"]

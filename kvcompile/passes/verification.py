@@ -26,11 +26,12 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..ir import Program
 from ..strategies import from_spec
+from ._workers import fork_map, worker_count
 from .calibration import rescale
 from .calibration_set import load_set
 from .context import ASSIGNMENT, PassContext, contract
@@ -48,37 +49,30 @@ def _plan_cache(model: Any, assignment, context: int):
     return make_cache(plan, model)
 
 
-def _run(model: Any, tok: Any, samples: list[Any], cache_for: Callable[[], Any], progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    from ..eval.suite import run_sample
-
-    prev = model.config._attn_implementation
-    try:
-        return [run_sample(model, tok, s, cache_for()) for s in tqdm(samples, desc="verify", disable=not progress,
-                                                                      leave=False)]
-    finally:
-        model.set_attn_implementation(prev)
-
-
-def _disk_cached(ctx: PassContext, body: dict[str, Any], compute: Callable[[], Any]) -> Any:
+def _memo_path(body: dict[str, Any]) -> Path:
     from ..models import cache_dir
 
     key = hashlib.sha256(json.dumps({"v": VERIFY_VERSION, **body}, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir() / "verify" / f"{key}.json"
-    use = ctx.options.get("calibration_cache", True)
-    if use and path.is_file():
+    return cache_dir() / "verify" / f"{key}.json"
+
+
+def _memo_get(ctx: PassContext, body: dict[str, Any]) -> Any:
+    path = _memo_path(body)
+    if ctx.options.get("calibration_cache", True) and path.is_file():
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
-            pass
-    out = compute()
-    if use:
+            return None
+    return None
+
+
+def _memo_put(ctx: PassContext, body: dict[str, Any], rows: Any) -> None:
+    if ctx.options.get("calibration_cache", True):
         from .._io import write_atomic  # readers see the old entry or the whole new one
 
+        path = _memo_path(body)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(out))
-    return out
+        write_atomic(path, json.dumps(rows))
 
 
 def combine(full: list[dict[str, Any]], plan: list[dict[str, Any]], tokens: int, seconds: float) -> dict[str, Any]:
@@ -105,20 +99,43 @@ ANSWER_HEADROOM = 64  # generated tokens per sample (answers, follow-up turns) a
 
 
 def measure(ctx: PassContext, fingerprint: str, assignment, samples: list[Any], tokens: int) -> dict[str, Any]:
-    """Full cache vs ``assignment`` on ``samples`` (suite ``Sample``s); both halves memoised on disk."""
+    """Full cache vs ``assignment`` on ``samples`` (suite ``Sample``s); both halves memoised on disk. The
+    runs that are not memoised are spread over worker processes (:mod:`._workers`), rows in order."""
+    from tqdm.auto import tqdm
+
+    from ..eval.suite import run_sample
+
     t0 = time.perf_counter()
     model, tok = ctx.model, ctx.tokenizer
     ids = [s.ids[0].tolist() + list(s.meta.get("followup", ())) for s in samples]
-    full = _disk_cached(ctx, {"fp": fingerprint, "s": ids, "n": tokens, "full": True},
-                        lambda: _run(model, tok, samples, lambda: None, ctx.progress))
     plan_rows = [[dict(x) for x in row] for row in assignment]
     # the cache's byte ceiling must cover prompt + questions + generated answers (token budgets are already
     # rescaled to ``tokens``); a ceiling of ``tokens`` alone overflows with a PlanWarning on every sample
     ceiling = max(len(i) for i in ids) + ANSWER_HEADROOM
-    plan = _disk_cached(ctx, {"fp": fingerprint, "s": ids, "n": tokens, "a": plan_rows},
-                        lambda: _run(model, tok, samples, lambda: _plan_cache(model, assignment, ceiling),
-                                     ctx.progress))
-    return combine(full, plan, tokens, time.perf_counter() - t0)
+    keys = {"full": {"fp": fingerprint, "s": ids, "n": tokens, "full": True},
+            "plan": {"fp": fingerprint, "s": ids, "n": tokens, "a": plan_rows}}
+    got = {half: _memo_get(ctx, body) for half, body in keys.items()}
+    todo = [(half, i) for half in keys if got[half] is None for i in range(len(samples))]
+
+    def one(item: tuple[str, int]) -> dict[str, Any]:
+        half, i = item
+        prev = model.config._attn_implementation
+        try:
+            cache = None if half == "full" else _plan_cache(model, assignment, ceiling)
+            return run_sample(model, tok, samples[i], cache)
+        finally:
+            model.set_attn_implementation(prev)
+
+    bar = tqdm(total=len(todo), desc="verify", disable=not ctx.progress or not todo, leave=False)
+    try:
+        rows = fork_map(one, todo, worker_count(ctx.options, len(todo)), on_result=lambda i, r: bar.update(1))
+    finally:
+        bar.close()
+    for half in keys:
+        if got[half] is None:
+            got[half] = [r for (h, _), r in zip(todo, rows, strict=True) if h == half]
+            _memo_put(ctx, keys[half], got[half])
+    return combine(got["full"], got["plan"], tokens, time.perf_counter() - t0)
 
 
 def failing_families(m: dict[str, Any], tolerance: float | None) -> list[str]:

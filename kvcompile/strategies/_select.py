@@ -128,7 +128,7 @@ class SelectStore(Store):
             self.attend(q, k_new, v_new, valid_new, scale)
             return
         B, Hg, T = k_new.shape[:3]
-        w = min(self.s.obs_window, T)
+        w = min(int(getattr(self.s, "obs_window", T)), T)
         key_ok = valid_new[:, None, :].expand(B, Hg, T)
         self._mass = masked_attention(q[:, :, T - w :], k_new, v_new, key_ok, scale, col_sums=True)[1]
 
