@@ -111,6 +111,16 @@ def units(args, ranking) -> list[tuple[int, float | None, str, str, int]]:
     def top3(ctx):
         cells(ctx, [(b, m) for b in budgets for m in ranking(ctx, b)[:3]], args.n, args.screen)
 
+    if args.fixed:  # the CPU-bound order: bar cells first, baselines named up front instead of screened
+        fixed = [tuple(x.split("@")) for x in args.fixed.split(",")]
+        core(1024)
+        core(2048)
+        cells(1024, [(float(b), m) for m, b in fixed], args.n)
+        cells(1024, [(b, m) for b in budgets for m in ("streaming", "tova", "knorm", "kvzip")
+                     if (m, str(b)) not in fixed], args.screen)
+        cells(2048, [(float(b), m) for m, b in fixed], args.n)
+        core(4096)
+        return out
     core(1024)
     screen(1024)
     core(2048)
@@ -313,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-only", action="store_true", help="compile the planner's plans and exit")
     ap.add_argument("--no-compile", action="store_true",
                     help="skip planner cells until a --compile-only process has written their plan")
+    ap.add_argument("--fixed", default="",
+                    help="METHOD@BUDGET,...: baselines run to --n without screening (then the question-agnostic "
+                         "eviction baselines to --screen), for machines that cannot afford the screening")
     ap.add_argument("--deadline", default="", help="HH:MM UTC: stop starting new units after this")
     args = ap.parse_args(argv)
     if args.merge:
