@@ -74,9 +74,16 @@ def test_calibration_set_spec_and_determinism(smol):
     kinds = set()
     for item in cset.samples:
         a, b = build_sample(tok, cset, item), build_sample(tok, cset, item)
-        assert a == b and len(a.ids) <= 256 + 8 and 0 < a.context_len < len(a.ids)
+        assert a == b and 0 < a.context_len < len(a.ids)
         kinds.add(a.kind)
-        if a.kind != "lm":
+        if item.get("ask") == "all":  # every fact asked, one turn each, every answer scored, asked one last
+            context = tok.decode(list(a.ids[: a.context_len]))
+            answers = [tok.decode(list(a.ids[x:y])).strip() for x, y in a.spans()]
+            assert len(answers) == 4 and answers[-1] == a.answer + "." and a.spans()[-1][0] == a.answer_start
+            assert all(ans.rstrip(".") in context for ans in answers) and len(set(answers)) == 4
+            assert a.spans()[-1][1] == len(a.ids) and len(a.ids[: a.context_len]) <= 256
+        elif a.kind != "lm":
+            assert len(a.ids) <= 256 + 8
             assert a.answer in tok.decode(list(a.ids[: a.context_len]))
             assert a.answer not in tok.decode(list(a.ids[a.context_len: a.answer_start]))
             assert tok.decode(list(a.ids[a.answer_start:])).strip() == a.answer + "."

@@ -189,6 +189,9 @@ def make_sample(tokenizer: Any, family: str, split: str, length: int, seed: int)
             vals = [value(rng, fmt) for _ in names]
         facts = [fact.format(n=n, v=v) for n, v in zip(names, vals, strict=True)]
         ask = rng.randrange(4)
+        # every fact's (question, answer prefix, value), the asked one last: calibration may ask them all
+        meta["all_questions"] = [(question.format(n=names[i]), prefix.format(n=names[i]), vals[i])
+                                 for i in [*(j for j in range(4) if j != ask), ask]]
         answer, question, prefix = vals[ask], question.format(n=names[ask]), prefix.format(n=names[ask])
         meta["distractors"] = [v for i, v in enumerate(vals) if i != ask]
     elif family == "twohop":

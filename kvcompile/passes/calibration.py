@@ -244,7 +244,7 @@ def _run_sample(
     from ..strategies.kvzip import KVzip, injected_scores, reconstruction_scores
 
     ids = torch.tensor([sample.ids], dtype=torch.long)
-    ctx_len, n = sample.context_len, len(sample.ids)
+    ctx_len = sample.context_len
     zips = [c for c in cands if isinstance(c, KVzip)]
     zscores = None
     cache = DynamicCache(config=model.config)
@@ -258,10 +258,10 @@ def _run_sample(
         probe.outs = {}
         with torch.enable_grad():
             logits = model(ids[:, ctx_len:], **cache_kw(cache), use_cache=True).logits[0].float()
-            # positions t >= answer_start - 1 predict the scored tokens (the key digits / the prose)
-            first = sample.answer_start - 1 - ctx_len
-            tgt = ids[0, sample.answer_start: n]
-            loss = torch.nn.functional.cross_entropy(logits[first: n - 1 - ctx_len], tgt, reduction="sum")
+            # logits row j predicts token ctx_len + j + 1: each scored span [a, b) (the answers, the prose)
+            loss = torch.stack([torch.nn.functional.cross_entropy(
+                logits[a - 1 - ctx_len: b - 1 - ctx_len], ids[0, a:b], reduction="sum") for a, b in sample.spans()
+            ]).sum()
             layers = sorted(probe.outs)
             grads = torch.autograd.grad(loss, [probe.outs[i] for i in layers])
         g2 = {i: g[0].float().pow(2).sum(-1).transpose(0, 1) for i, g in zip(layers, grads, strict=True)}

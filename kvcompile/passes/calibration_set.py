@@ -11,6 +11,8 @@ Each item is ``{"kind": FAMILY, "seed": N}``:
   prefix up to the question is the compressible *context*; the rest are the observation queries
   (question-agnostic: they arrive after compression).
 * ``lm``: running text; the last tokens (at most ``obs_window``) are the observation queries.
+* ``{"kind": "multi", "ask": "all"}``: after the context, one turn per fact (the asked one last), every
+  answer scored: what a question-agnostic cache must keep is every fact, not the one a sample asks.
 
 Everything is deterministic for a given tokenizer. ``spec`` strings: ``NAME`` (a shipped set), ``NAME:N``
 (its first N samples), ``NAME:NxT`` (N samples of T tokens), or a path to a set ``.json``.
@@ -39,6 +41,10 @@ class CalibrationSample:
     context_len: int
     answer: str
     answer_start: int
+    scored: tuple[tuple[int, int], ...] = ()  # [start, end) spans of scored ids; () = ids[answer_start:]
+
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        return self.scored or ((self.answer_start, len(self.ids)),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,4 +113,27 @@ def build_sample(tokenizer: Any, cset: CalibrationSet, item: dict[str, Any], tok
         ctx = n - min(cset.obs_window, n // 4)
         return CalibrationSample("lm", tuple(ids), ctx, "", ctx + 1)
     answer = [int(t) for t in s.meta["answer_ids"]]
+    if item.get("ask") == "all" and s.meta.get("all_questions"):
+        return _ask_all(tokenizer, s, ids)
     return CalibrationSample(item["kind"], tuple(ids + answer), s.context_len, s.answer, len(ids))
+
+
+def _ask_all(tokenizer: Any, s: Any, ids: list[int]) -> CalibrationSample:
+    """A ``multi`` sample whose context is followed by a question about every fact, one turn each (the
+    asked one last), every answer scored: a question-agnostic cache must keep all of them, and one
+    forward pass measures that for four facts instead of one. ``ids`` ends with the last turn's prefix."""
+    from ..eval.data import _chat_frame, _encode
+    from ..eval.suite import _turn_separator
+
+    sep, after = _turn_separator(tokenizer), _chat_frame(tokenizer)[1]
+    qas = s.meta["all_questions"]
+    out = list(ids[: s.context_len])
+    scored = []
+    for i, (question, prefix, value) in enumerate(qas):
+        turn = ("\n\n" if i == 0 else sep) + question + " Answer briefly." + after + prefix
+        out += _encode(tokenizer, turn)
+        answer = _encode(tokenizer, " " + value + ".")
+        scored.append((len(out), len(out) + len(answer)))
+        out += answer
+    last = scored[-1][0]
+    return CalibrationSample("multi", tuple(out), s.context_len, str(qas[-1][2]), last, tuple(scored))
