@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--timeout", type=float, default=300, help="load test deadline (s)")
     p.add_argument("--emulate", action="store_true", help="also run each plan's kvcompile emulation")
+    p.add_argument("--recheck", action="store_true", help="recompute `prediction` from the stored results")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--context", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--verify-from", default=None, help=argparse.SUPPRESS)
@@ -288,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         run = run_emulation(args.child.removeprefix("emulated:"), args.length, args.n, args.n_lm) if emu else \
             run_engine(args.child, args.length, args.n, args.n_lm, args.context, args.verify_from)
         print("RESULT " + json.dumps(run, default=str), flush=True)
+        return 0
+    if args.recheck:
+        res = json.loads(RESULTS.read_text())
+        res["prediction"], res["prediction_tolerance"] = checks(res), TOLERANCE
+        _write(res)
+        print(json.dumps(_table(res), indent=1))
         return 0
     from kvcompile.plan import load as load_plan
 
@@ -338,6 +345,11 @@ def _table(res: dict[str, Any]) -> list[str]:
     lines = []
     for plan, entry in res.get("prediction", {}).items():
         for kind, chk in entry.items():
+            if "retrieval_pooled" in chk:
+                r = chk["retrieval_pooled"]
+                lines.append(f"{Path(plan).name} {kind} retrieval pooled: delta predicted {r['predicted_delta']:+.2f} "
+                             f"(n={r['n_predicted']}) measured {r['measured_delta']:+.2f} (n={r['n_measured']}) "
+                             f"tol {r['tolerance']:.2f} within={r['within']}")
             for fam, r in chk["families"].items():
                 if fam == "lm":
                     lr = r["log_ratio"]

@@ -247,6 +247,13 @@ def test_prediction_check_compares_changes_with_a_standard_error_band():
     assert lm["predicted"]["ppl_delta"] == pytest.approx(0.2)
     assert lm["log_ratio"]["tolerance"] == pytest.approx(ev.Z * sd * math.sqrt(2 / 3))
     assert lm["within"]  # |0.170 - log 1.2| = 0.012 < 0.043
+    assert "retrieval_pooled" not in chk  # one retrieval family: nothing to pool
+    two = {"families": {**measured["families"], "multi": {"n": 3, "metric": "accuracy", "full": 1.0, "plan": 1.0}}}
+    multi = _rows("multi", [1, 1, 1, 1])
+    pooled = ev.prediction_check(two, full + multi, plan + multi)["retrieval_pooled"]
+    assert pooled["n_predicted"] == 6 and pooled["n_measured"] == 12
+    assert pooled["predicted_delta"] == pytest.approx(-1 / 6) and pooled["measured_delta"] == pytest.approx(-1 / 16)
+    assert pooled["tolerance"] == pytest.approx(ev.Z * math.sqrt(2 / 14 * (1 / 6 + 1 / 12)))
     # a prediction far outside the band is reported as such; the same samples leave only one flip / 0.05
     far = {"families": {"lm": {"n": 3, "metric": "ppl", "full": 10.0, "plan": 20.0}}}
     assert ev.prediction_check(far, full, plan)["within"] is False

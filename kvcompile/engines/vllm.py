@@ -499,5 +499,17 @@ def prediction_check(measured: dict[str, Any], full_rows: list[dict[str, Any]], 
             )
         row["within"] = abs(dm - dp) <= tol + 1e-12
         out[fam] = row
-    return {"families": out, "within": all(r["within"] for r in out.values()) if out else None,
-            "z": None if same_samples else z, "same_samples": same_samples}
+    res: dict[str, Any] = {"families": out, "within": all(r["within"] for r in out.values()) if out else None,
+                           "z": None if same_samples else z, "same_samples": same_samples}
+    ret = [f for f, r in out.items() if r["metric"] == "accuracy"]
+    if len(ret) > 1 and not same_samples:
+        # the retrieval families pooled (equal weight per family, as plan.measured's accuracy_plan): a tighter band
+        n_p = sum(out[f]["n_predicted"] for f in ret)
+        n_m = sum(out[f]["n_measured"] for f in ret)
+        dp = sum(out[f]["predicted"]["delta"] for f in ret) / len(ret)
+        dm = sum(out[f]["measured"]["delta"] for f in ret) / len(ret)
+        var = (sum(out[f]["measured"]["discordant"] for f in ret) + 1) / (n_m + 2)
+        tol = z * math.sqrt(var * (1 / n_p + 1 / n_m))
+        res["retrieval_pooled"] = {"families": ret, "n_predicted": n_p, "n_measured": n_m, "predicted_delta": dp,
+                                   "measured_delta": dm, "tolerance": tol, "within": abs(dm - dp) <= tol + 1e-12}
+    return res
