@@ -38,7 +38,7 @@ FAMILIES = ("single", "multi", "twohop", "followup", "lm")
 RETRIEVAL = ("single", "multi", "twohop", "followup")
 SPLITS = ("calib", "verify", "test")
 CALIB_FAMILIES = ("single", "multi", "lm")
-VERSION = 2  # bump when samples change (calibration cache keys include it)
+VERSION = 3  # bump when samples change (calibration cache keys include it)
 LM_TARGET = 128
 MAX_NEW = 12
 
@@ -61,7 +61,13 @@ SINGLE = {
     "calib": [(" The pass key is {v}. Remember it. {v} is the pass key.", "What is the pass key?",
                "The pass key is"),
               (" The secret word for today is {v}.", "What is the secret word for today?",
-               "The secret word for today is")],
+               "The secret word for today is"),
+              (" The shipment was logged under the label {v}.", "Under which label was the shipment logged?",
+               "The shipment was logged under the label"),
+              (" In the margin of the old map someone had pencilled {v}.",
+               "What had someone pencilled in the margin of the old map?", "Someone had pencilled"),
+              (" The guide mentioned that the trail marker reads {v}.", "What does the trail marker read?",
+               "The trail marker reads")],
     "verify": [(" Note to self: the locker combination is {v}.", "What is the locker combination?",
                 "The locker combination is"),
                (" The access code for the archive room is {v}. Keep it safe.",
@@ -75,7 +81,11 @@ SINGLE = {
 }
 # {n} = a name
 MULTI = {
-    "calib": [(" The pass key for {n} is {v}.", "What is the pass key for {n}?", "The pass key for {n} is")],
+    "calib": [(" The pass key for {n} is {v}.", "What is the pass key for {n}?", "The pass key for {n} is"),
+              (" {n} signed the guest book as {v}.", "How did {n} sign the guest book?",
+               "{n} signed the guest book as"),
+              (" The ticket issued to {n} carries the mark {v}.", "What mark does the ticket issued to {n} carry?",
+               "The ticket issued to {n} carries the mark")],
     "verify": [(" {n}'s room number is {v}.", "What is {n}'s room number?", "{n}'s room number is")],
     "test": [(" The badge code assigned to {n} is {v}.", "What badge code is assigned to {n}?",
               "The badge code assigned to {n} is"),
