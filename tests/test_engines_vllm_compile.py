@@ -262,3 +262,18 @@ def test_prediction_check_compares_changes_with_a_standard_error_band():
     assert not same["families"]["single"]["within"]  # -1/8 vs -1/3 is more than one flip in 8
     with pytest.raises(ValueError, match="not the same samples"):
         ev.prediction_check(measured, full[:-1], plan)
+
+
+@pytest.mark.slow
+def test_engine_plan_is_verified_at_its_served_length_without_rescaling(smol):
+    from kvcompile.api import optimize
+
+    plan = optimize(smol.model, tokenizer=smol.tokenizer, target="cpu", context=640, kv_budget=0.45, engine="vllm",
+                    calibration="default:1x256", verify_samples=2, progress=False)
+    m = plan.measured
+    assert m["tokens"] == 640 - ev.TURN_HEADROOM and m["samples"] == 2
+    assert {f: v["n"] for f, v in m["families"].items()} == {"single": 1, "multi": 1}
+    # vLLM's windows are absolute: the verification ran the plan's own window, it did not rescale it
+    assert any("the engine's settings as they are" in n for n in plan.notes)
+    assert not any("rescaled" in n for n in plan.notes)
+    assert any(s["sliding_window"] == ev.window_for(640) for s in plan.engine["layers"])
