@@ -41,8 +41,8 @@ def planner_grid(context: int) -> list[Strategy]:
     4-bit KIVI, which the solver mixes per head for less; its H2O scoring is the costliest to
     calibrate) and token selections keeping half the context (dominated by quantization at the same
     bytes). KVzip is a baseline, not a candidate: its reconstruction pass triples the prefill and it
-    retrieved nothing at 25 % of the bytes in benchmarks/planner_frontier.py's screening (n = 2 per
-    family, 1k tokens)."""
+    retrieved nothing at 25 % of the bytes in benchmarks/planner_frontier.py (0 of 12 retrieval
+    samples at 1k, n = 3 per family)."""
     out: list[Strategy] = [Full()]
     for s in default_instances(context):
         half = isinstance(s, (SnapKV, SinkWindow)) and s.kept(context) > context // 3
