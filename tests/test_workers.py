@@ -35,9 +35,9 @@ def test_fork_map_keeps_order_and_uses_other_processes():
 
 
 def test_worker_count():
-    assert _workers.worker_count({"workers": 3}, 2) in (1, 2) and _workers.worker_count({"workers": 1}, 9) == 1
+    assert _workers.worker_count(3, 2) in (1, 2) and _workers.worker_count(1, 9) == 1
     with pytest.raises(ValueError, match="workers"):
-        _workers.worker_count({"workers": 0}, 3)
+        _workers.worker_count(0, 3)
     assert 1 <= _workers.default_workers() <= _workers.MAX_DEFAULT_WORKERS
 
 

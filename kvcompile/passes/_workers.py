@@ -37,9 +37,10 @@ def default_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, cores))
 
 
-def worker_count(options: dict[str, Any], items: int) -> int:
-    n = options.get("workers")
-    n = default_workers() if n is None else int(n)
+def worker_count(requested: int | None, items: int) -> int:
+    """Processes for ``items`` work items: ``requested`` (None = :func:`default_workers`), at most one per
+    item, 1 without ``fork``."""
+    n = default_workers() if requested is None else int(requested)
     if n < 1:
         raise ValueError(f"workers={n} must be >= 1")
     if "fork" not in mp.get_all_start_methods():

@@ -336,18 +336,15 @@ def run_calibration(
     t0 = time.perf_counter()
     samples = [build_sample(tokenizer, cset, item) for item in cset.samples]
     n_layers = model.config.num_hidden_layers
-    sens_sum = [0.0] * n_layers
     bar = tqdm(total=len(samples) * n_layers, desc="calibrate", unit="layer", disable=not progress,
                leave=False)
     try:  # samples are independent: one per worker process (passes/_workers.py), summed in sample order
         results = fork_map(lambda s: _run_sample(model, s, scaled, None), samples,
-                           worker_count({"workers": workers}, len(samples)),
+                           worker_count(workers, len(samples)),
                            on_result=lambda i, r: bar.update(n_layers))
     finally:
         bar.close()
     per_sample = [torch.tensor(e2, dtype=torch.float64) for e2, _ in results]
-    for _, sens in results:
-        sens_sum = [a + b for a, b in zip(sens_sum, sens, strict=True)]
     n = len(samples)
     data = {
         "key": key,
@@ -358,7 +355,7 @@ def run_calibration(
         "tokens": cset.tokens,
         "specs": specs,
         "damage": robust_damage(per_sample).tolist() if per_sample else [],
-        "sensitivity": [s / n for s in sens_sum],
+        "sensitivity": [sum(col) / n for col in zip(*(sens for _, sens in results), strict=True)],
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if cache:

@@ -56,8 +56,7 @@ def _memo_path(body: dict[str, Any]) -> Path:
     return cache_dir() / "verify" / f"{key}.json"
 
 
-def _memo_get(ctx: PassContext, body: dict[str, Any]) -> Any:
-    path = _memo_path(body)
+def _memo_get(ctx: PassContext, path: Path) -> Any:
     if ctx.options.get("calibration_cache", True) and path.is_file():
         try:
             return json.loads(path.read_text())
@@ -66,11 +65,10 @@ def _memo_get(ctx: PassContext, body: dict[str, Any]) -> Any:
     return None
 
 
-def _memo_put(ctx: PassContext, body: dict[str, Any], rows: Any) -> None:
+def _memo_put(ctx: PassContext, path: Path, rows: Any) -> None:
     if ctx.options.get("calibration_cache", True):
         from .._io import write_atomic  # readers see the old entry or the whole new one
 
-        path = _memo_path(body)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(rows))
 
@@ -112,9 +110,9 @@ def measure(ctx: PassContext, fingerprint: str, assignment, samples: list[Any], 
     # the cache's byte ceiling must cover prompt + questions + generated answers (token budgets are already
     # rescaled to ``tokens``); a ceiling of ``tokens`` alone overflows with a PlanWarning on every sample
     ceiling = max(len(i) for i in ids) + ANSWER_HEADROOM
-    keys = {"full": {"fp": fingerprint, "s": ids, "n": tokens, "full": True},
-            "plan": {"fp": fingerprint, "s": ids, "n": tokens, "a": plan_rows}}
-    got = {half: _memo_get(ctx, body) for half, body in keys.items()}
+    keys = {"full": _memo_path({"fp": fingerprint, "s": ids, "n": tokens, "full": True}),
+            "plan": _memo_path({"fp": fingerprint, "s": ids, "n": tokens, "a": plan_rows})}
+    got = {half: _memo_get(ctx, path) for half, path in keys.items()}
     todo = [(half, i) for half in keys if got[half] is None for i in range(len(samples))]
 
     def one(item: tuple[str, int]) -> dict[str, Any]:
@@ -128,7 +126,8 @@ def measure(ctx: PassContext, fingerprint: str, assignment, samples: list[Any], 
 
     bar = tqdm(total=len(todo), desc="verify", disable=not ctx.progress or not todo, leave=False)
     try:
-        rows = fork_map(one, todo, worker_count(ctx.options, len(todo)), on_result=lambda i, r: bar.update(1))
+        rows = fork_map(one, todo, worker_count(ctx.options.get("workers"), len(todo)),
+                        on_result=lambda i, r: bar.update(1))
     finally:
         bar.close()
     for half in keys:

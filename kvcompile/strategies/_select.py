@@ -115,8 +115,7 @@ class SelectStore(Store):
         ne = 0 if extra is None else extra[0].shape[2]
         out, mass = masked_attention(q, k, v, key_ok, scale, col_sums=self.s.observe == "all")
         if self.s.observe == "window" and self.k is None:
-            w = min(self.s.obs_window, T)
-            mass = masked_attention(q[:, :, T - w :], k, v, key_ok, scale, col_sums=True)[1]
+            mass = self._window_mass(q, k, v, key_ok, scale)
         self._mass = None if mass is None else mass[..., ne:]
         return out
 
@@ -128,9 +127,14 @@ class SelectStore(Store):
             self.attend(q, k_new, v_new, valid_new, scale)
             return
         B, Hg, T = k_new.shape[:3]
-        w = min(int(getattr(self.s, "obs_window", T)), T)
-        key_ok = valid_new[:, None, :].expand(B, Hg, T)
-        self._mass = masked_attention(q[:, :, T - w :], k_new, v_new, key_ok, scale, col_sums=True)[1]
+        self._mass = self._window_mass(q, k_new, v_new, valid_new[:, None, :].expand(B, Hg, T), scale)
+
+    def _window_mass(self, q, k, v, key_ok, scale) -> torch.Tensor:
+        """Attention mass [B, Hg, N] of the last ``obs_window`` queries over the keys (SnapKV's window)."""
+        w = min(int(getattr(self.s, "obs_window", q.shape[2])), q.shape[2])
+        mass = masked_attention(q[:, :, q.shape[2] - w :], k, v, key_ok, scale, col_sums=True)[1]
+        assert mass is not None
+        return mass
 
     def observe(self, mass: torch.Tensor) -> None:
         """Record attention mass computed elsewhere (a kernel that replaced :meth:`attend`):
