@@ -29,7 +29,6 @@ import importlib.metadata
 import json
 import math
 import os
-import re
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -404,28 +403,15 @@ def run_suite(llm_: Any, tokenizer: Any, samples: list[Any]) -> list[dict[str, A
     second: list[int] = []
     prompts: list[list[int]] = []
     for i in ret:
-        s, r = samples[i], rows[i]
-        first = suite._answer_tokens(tokenizer, r["generated"])
-        if s.meta["family"] == "twohop":  # the model's own place name goes into the second hop (as run_sample)
-            place = re.split(r"[.,\n]", r["generated"].strip(), maxsplit=1)[0].strip()
-            place = re.sub(r"^the ", "", place, flags=re.IGNORECASE)
-            sep = "" if r["generated"].rstrip().endswith(".") else "."
-            nxt = suite._encode(tokenizer, sep + s.meta["hop2"].format(p=place))
-            r["place"] = place
-        elif s.meta["family"] == "followup":
-            nxt = list(s.meta["followup"])
-        else:
+        turn = suite.second_turn(tokenizer, samples[i], rows[i]["generated"])
+        if turn is None:
             continue
+        more, extra = turn
         second.append(i)
-        r["turn2_ids"] = first + nxt  # what the second prompt appends to the sample's ids
-        prompts.append(s.ids[0].tolist() + first + nxt)
+        rows[i].update(extra, turn2_ids=more)  # what the second prompt appends to the sample's ids
+        prompts.append(samples[i].ids[0].tolist() + more)
     for i, text in zip(second, gen(prompts), strict=True):
-        s, r = samples[i], rows[i]
-        if s.meta["family"] == "followup":
-            r.update(turn1=r.pop("correct"), answer=s.meta["answer2"], generated2=text,
-                     correct=suite.is_correct(text, s.meta["answer2"]))
-        else:
-            r.update(generated2=text, correct=suite.is_correct(text, s.answer, s.meta.get("distractors", ())))
+        suite.score_second_turn(rows[i], samples[i], text)
     lm = [i for i, s in enumerate(samples) if s.meta["family"] == "lm"]
     if lm:
         outs = llm_.generate([{"prompt_token_ids": samples[i].ids[0].tolist()} for i in lm],

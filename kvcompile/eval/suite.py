@@ -298,27 +298,41 @@ def run_sample(model: torch.nn.Module, tokenizer: Any, sample: Sample, cache: An
         text, _ = continue_answer(model, tokenizer, sample, cache, max_new_tokens=MAX_NEW)
         out.update(answer=sample.answer, generated=text,
                    correct=is_correct(text, sample.answer, sample.meta.get("distractors", ())))
-        if fam == "twohop":  # the model's own place name goes into the second hop
-            place = re.split(r"[.,\n]", text.strip(), maxsplit=1)[0].strip()
-            place = re.sub(r"^the ", "", place, flags=re.IGNORECASE)
-            first = _answer_tokens(tokenizer, text)
-            sep = "" if text.rstrip().endswith(".") else "."
-            hop = _encode(tokenizer, sep + sample.meta["hop2"].format(p=place))
-            ids = torch.cat([sample.ids, torch.tensor([first + hop], dtype=torch.long)], 1)
+        turn = second_turn(tokenizer, sample, text)
+        if turn is not None:
+            more, extra = turn
+            ids = torch.cat([sample.ids, torch.tensor([more], dtype=torch.long)], 1)
             text2, _ = continue_answer(model, tokenizer, dataclasses.replace(sample, ids=ids), cache,
                                        max_new_tokens=MAX_NEW)
-            out.update(place=place, generated2=text2,
-                       correct=is_correct(text2, sample.answer, sample.meta.get("distractors", ())))
-        if fam == "followup":
-            out["turn1"] = out.pop("correct")
-            first = _answer_tokens(tokenizer, text)
-            ids = torch.cat([sample.ids, torch.tensor([first + sample.meta["followup"]], dtype=torch.long)], 1)
-            turn2 = dataclasses.replace(sample, ids=ids)
-            text2, _ = continue_answer(model, tokenizer, turn2, cache, max_new_tokens=MAX_NEW)
-            out.update(answer=sample.meta["answer2"], generated2=text2,
-                       correct=is_correct(text2, sample.meta["answer2"]))
+            out.update(extra)
+            score_second_turn(out, sample, text2)
     out["kv_bytes"] = cache_nbytes(cache)
     return out
+
+
+def second_turn(tokenizer: Any, sample: Sample, generated: str) -> tuple[list[int], dict[str, Any]] | None:
+    """What a two-turn family appends to ``sample.ids`` after the model's first answer ``generated`` (its
+    tokens, then ``twohop``: the second hop with the model's own place name in it; ``followup``: the next
+    question), with what to record; None for one-turn families. Shared by every runner of the suite."""
+    fam = sample.meta["family"]
+    first = _answer_tokens(tokenizer, generated)
+    if fam == "twohop":
+        place = re.split(r"[.,\n]", generated.strip(), maxsplit=1)[0].strip()
+        place = re.sub(r"^the ", "", place, flags=re.IGNORECASE)
+        sep = "" if generated.rstrip().endswith(".") else "."
+        return first + _encode(tokenizer, sep + sample.meta["hop2"].format(p=place)), {"place": place}
+    if fam == "followup":
+        return first + list(sample.meta["followup"]), {}
+    return None
+
+
+def score_second_turn(row: dict[str, Any], sample: Sample, text2: str) -> None:
+    """Score the second turn's answer into ``row`` (a ``followup`` row keeps turn 1 as ``turn1``)."""
+    if sample.meta["family"] == "followup":
+        row.update(turn1=row.pop("correct"), answer=sample.meta["answer2"], generated2=text2,
+                   correct=is_correct(text2, sample.meta["answer2"]))
+    else:
+        row.update(generated2=text2, correct=is_correct(text2, sample.answer, sample.meta.get("distractors", ())))
 
 
 def _answer_tokens(tokenizer: Any, text: str) -> list[int]:
