@@ -102,8 +102,8 @@ def units(args, ranking) -> list[tuple[int, float | None, str, str, int]]:
                 for fam in FAMILIES:
                     out.append((ctx, b, m, fam, i))
 
-    def core(ctx):
-        cells(ctx, [(None, "full")] + [(b, "planner") for b in budgets], args.n)
+    def core(ctx, n=None, start=0):
+        cells(ctx, [(None, "full")] + [(b, "planner") for b in budgets], n or args.n, start)
 
     def screen(ctx):
         cells(ctx, [(b, m) for b in budgets for m in BASELINES], args.screen)
@@ -120,6 +120,9 @@ def units(args, ranking) -> list[tuple[int, float | None, str, str, int]]:
                      if (m, str(b)) not in fixed], args.screen)
         cells(2048, [(float(b), m) for m, b in fixed], args.n)
         core(4096)
+        if args.n_more > args.n:  # then full and planner at 1k and 2k to --n-more, where the bar is decided
+            core(1024, args.n_more, args.n)
+            core(2048, args.n_more, args.n)
         return out
     core(1024)
     screen(1024)
@@ -317,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budgets", default="0.25,0.125")
     ap.add_argument("--n", type=int, default=10, help="samples per family for full / planner / top-3 baselines")
+    ap.add_argument("--n-more", type=int, default=0,
+                    help="with --fixed: afterwards, full and planner at 1k and 2k up to this many samples per family")
     ap.add_argument("--screen", type=int, default=4, help="samples per family when screening baselines")
     ap.add_argument("--shard", default="0/1")
     ap.add_argument("--merge", action="store_true")

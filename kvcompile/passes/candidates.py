@@ -49,7 +49,15 @@ def planner_grid(context: int) -> list[Strategy]:
         if s.name in ("heavy_hitter", "mikv") or half:
             continue
         out.append(s)
-    # int8 copies of the kept tokens (near lossless, KIVI) double what a selection keeps at equal bytes
+    # KIVI codes with half the float16 scale/zero overhead (key groups of 64 tokens, one value group per
+    # token: 0.5 instead of 1 extra bit per element) and no residual beyond the partial key group: K4V2
+    # then holds every token in 22 % of the bf16 bytes where the g32 codes must evict; the solver weighs
+    # their larger error per head (KIVI's R trades bytes for the newest tokens' precision)
+    lean4, lean42 = (Quant(bits=4, v_bits=vb, group=64, v_group=64, residual=0) for vb in (None, 2))
+    out += [lean4, lean42]
+    # int8 copies of the kept tokens (near lossless, KIVI) double what a selection keeps at equal bytes;
+    # selections of 3/4 .. 1/4 of the tokens under the lean codes keep ~1.1x the tokens of the g32
+    # compositions at equal bytes and fill the steps between them
     comp: Any = REGISTRY.get("compose")
     if comp is not None:
         for frac in (0.25, 0.125):
@@ -57,6 +65,11 @@ def planner_grid(context: int) -> list[Strategy]:
             obs = min(32, n // 4)
             out.append(comp(select=SnapKV(budget=n - obs, obs_window=obs), quant=Quant(bits=8)))
             out.append(comp(select=SinkWindow(sinks=4, window=n - 4), quant=Quant(bits=8)))
+        for frac, q in ((0.75, lean4), (0.5, lean4), (0.375, lean4), (0.25, lean4), (0.5, lean42)):
+            n = int(context * frac)
+            obs = min(32, n // 4)
+            if n - obs >= q.r + q.group:
+                out.append(comp(select=SnapKV(budget=n - obs, obs_window=obs), quant=q))
     return out
 
 
