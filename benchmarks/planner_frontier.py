@@ -21,8 +21,10 @@ Stages (work is done in this order; ``--shard i/n`` takes every n-th unit; rows 
 1. 1k: full, planner (0.25, 0.125), ``--n`` samples per family;  2. 1k: every baseline, ``--screen``
 samples per family;  3. 2k: full and planner;  4. 2k: baselines screened;  5. 1k and 2k: the three
 strongest baselines per cell (by the screened pooled accuracy) up to ``--n``;  6. 4k: full and planner.
-``--merge`` writes ``results/planner_frontier.json`` (per cell and family: n, accuracy or ppl, measured
-bytes) and the PNG. Usage::
+With ``--fixed``, stage 5 is replaced by named baselines run to ``--n``, and ``--n-more N`` then takes
+full and the planner at 1k and 2k on to N samples per family. ``--merge`` writes
+``results/planner_frontier.json`` (per cell and family: n, accuracy or ppl, measured bytes) and the PNG.
+Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/planner_frontier.py --shard 0/2 &
     OMP_NUM_THREADS=1 python benchmarks/planner_frontier.py --shard 1/2 &
