@@ -40,6 +40,16 @@ def test_lean_candidates_validate_and_fit_where_g32_codes_do_not(context):
     assert max(kept) >= 0.7 * context and min(kept) <= 0.3 * context
 
 
+@pytest.mark.parametrize("context", [64, 128, 256])
+def test_planner_grid_builds_for_short_contexts(context):
+    """Compositions whose selection keeps fewer tokens than one quantized group are left out (they were
+    a ValueError from ``Compose.check`` below 512 tokens), the rest validate."""
+    grid = planner_grid(context)
+    assert len(grid) >= 10
+    for s in grid:
+        s.validate_for(head_dim=D, context=context) if not isinstance(s, Quant) or s.r + s.group <= context else None
+
+
 def test_lean_k4v2_codes_bytes_and_attention_against_kivi_reference():
     s = Quant(bits=4, v_bits=2, group=64, v_group=64, residual=0)
     hg, n = 2, 150  # 128 quantized tokens (two key groups) + a partial group of 22 in the model dtype
@@ -76,3 +86,31 @@ def test_lean_selection_composition_keeps_its_budget_with_exact_bytes():
     st.append(k, v, q, valid)
     assert st.nbytes() == B * hg * s.bytes_for(n, D, 4)
     assert st.tensors()["pos"].shape[-1] == 128  # budget + observation window, 128 = two key groups
+
+
+@pytest.mark.slow
+def test_lean_plan_decodes_alike_on_every_cpu_backend_with_predicted_bytes(smol):
+    """A plan mixing the lean K4V2 codes, a 3/4 selection under lean 4-bit codes and fp8 per head runs a
+    prefill past two key groups and decode steps: the C and Triton (interpreted) decode kernels give the
+    torch reference's logits and the cache holds what the plan predicts."""
+    from kvcompile._compat import cache_kw
+    from kvcompile.runtime import make_cache, mixed_plan
+
+    model = smol.model
+    grid = planner_grid(256)
+    specs = [next(s for s in lean(grid) if isinstance(s, Quant) and s.vbits == 2).to_spec(),
+             max((s for s in lean(grid) if isinstance(s, Compose)), key=lambda s: s.select.kept(256)).to_spec(),
+             {"name": "fp8"}]
+    plan = mixed_plan(model, specs, context=256)
+    ids = torch.randint(100, 5000, (1, 200), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for backend in ("torch", "cpu", "triton-interpret"):
+        cache = make_cache(plan, model, backend=backend)
+        with torch.no_grad():
+            out = [model(ids, **cache_kw(cache)).logits[:, -1]]
+            for t in range(3):
+                out.append(model(ids[:, t:t + 1], **cache_kw(cache)).logits[:, -1])
+        assert cache.nbytes() == plan.predicted_kv_bytes(200, decoded=3)
+        logits[backend] = torch.cat(out)
+    for backend in ("cpu", "triton-interpret"):
+        torch.testing.assert_close(logits[backend], logits["torch"], atol=2e-4, rtol=1e-4)

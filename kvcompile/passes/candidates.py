@@ -60,16 +60,15 @@ def planner_grid(context: int) -> list[Strategy]:
     # compositions at equal bytes and fill the steps between them
     comp: Any = REGISTRY.get("compose")
     if comp is not None:
-        for frac in (0.25, 0.125):
+        q8 = Quant(bits=8)
+        sels = [(kind, frac, q8) for frac in (0.25, 0.125) for kind in (SnapKV, SinkWindow)]
+        sels += [(SnapKV, frac, lean4) for frac in (0.75, 0.5, 0.375, 0.25)] + [(SnapKV, 0.5, lean42)]
+        for kind, frac, q in sels:
             n = max(8, int(context * frac))
-            obs = min(32, n // 4)
-            out.append(comp(select=SnapKV(budget=n - obs, obs_window=obs), quant=Quant(bits=8)))
-            out.append(comp(select=SinkWindow(sinks=4, window=n - 4), quant=Quant(bits=8)))
-        for frac, q in ((0.75, lean4), (0.5, lean4), (0.375, lean4), (0.25, lean4), (0.5, lean42)):
-            n = int(context * frac)
-            obs = min(32, n // 4)
-            if n - obs >= q.r + q.group:
-                out.append(comp(select=SnapKV(budget=n - obs, obs_window=obs), quant=q))
+            sel = SnapKV(budget=n - min(32, n // 4), obs_window=min(32, n // 4)) if kind is SnapKV else \
+                SinkWindow(sinks=4, window=n - 4)
+            if sel.cap() >= q.r + q.group:  # short contexts: only where something is quantized (Compose.check)
+                out.append(comp(select=sel, quant=q))
     return out
 
 
