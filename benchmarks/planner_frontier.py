@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load("smollm2-135m", dtype=torch.float32)
     path = shard_path(i)
     mine: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"rows": []}
-    done = {key(r) for r in mine["rows"]}
+    done = {key(r) for r in mine["rows"]} | {key(r) for r in all_rows()}  # rows of any shard (resharded runs)
     plans: dict[tuple, Any] = {}
     fp32_per_token = 2 * 30 * 3 * HEAD_DIM * 4
 
