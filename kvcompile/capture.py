@@ -44,11 +44,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import re
 import sys
 import types
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,13 +118,7 @@ def capture(model: torch.nn.Module, *, example_len: int = 8, name: str | None = 
     if on_meta and num_layers > _FULL_DEPTH_MAX:
         depth, rep = _reduced_plan(types)
         probe = _reduced_copy(model, depth, types)
-    read, graph = _export_and_read(probe, example_len)
-    if len(read) != probe.config.num_hidden_layers:
-        raise CaptureError(
-            f"{cls}: found {len(read)} attention sites in the graph but config.num_hidden_layers="
-            f"{probe.config.num_hidden_layers}"
-        )
-    pos, theta = _positions(graph, config, cls)
+    read, pos, theta = _graph_facts(probe, example_len, config, cls)
     windows = _sliding_windows(model, config, types, num_layers)
 
     sites = []
@@ -162,6 +159,56 @@ def capture(model: torch.nn.Module, *, example_len: int = 8, name: str | None = 
 
 
 # ---- export ------------------------------------------------------------------------------------
+def _graph_facts(probe: Any, example_len: int, config: Any, cls: str) -> tuple[list[_ReadSite], PosKind, float | None]:
+    """Sites and positions read from ``probe``'s exported graph, memoised on disk (``_facts_key``):
+    export is most of a warm compile (~5 s of SmolLM2's ~9 s). Only successful reads are stored."""
+    from ._io import write_atomic
+    from .models import cache_dir
+
+    try:
+        path: Path | None = cache_dir() / "capture" / f"{_facts_key(probe, example_len)}.json"
+    except (AttributeError, TypeError, StopIteration):
+        path = None  # not a transformers config / no parameters: nothing to key on, export every time
+    try:
+        data = json.loads(path.read_text()) if path is not None else None
+        if data is not None:
+            return [_ReadSite(**r) for r in data["read"]], PosKind(data["pos"]), data["theta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no entry, or a torn / foreign one: export again
+    read, graph = _export_and_read(probe, example_len)
+    if len(read) != probe.config.num_hidden_layers:
+        raise CaptureError(
+            f"{cls}: found {len(read)} attention sites in the graph but config.num_hidden_layers="
+            f"{probe.config.num_hidden_layers}"
+        )
+    pos, theta = _positions(graph, config, cls)
+    try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps({"read": [dataclasses.asdict(r) for r in read], "pos": pos.value,
+                                           "theta": theta}))
+    except OSError:
+        pass  # a read-only cache only costs the next compile an export
+    return read, pos, theta
+
+
+def _facts_key(probe: Any, example_len: int) -> str:
+    """What the exported graph depends on: the model class, its config, parameter dtype and device
+    (``fingerprint``: config + a weight digest), the attention implementation, the export input, the
+    torch / transformers versions and this module's own code."""
+    import transformers
+
+    first = next(iter(probe.parameters()))
+    body = {
+        "class": f"{type(probe).__module__}.{type(probe).__qualname__}", "fp": fingerprint(probe),
+        "dtype": str(first.dtype), "device": first.device.type, "example_len": example_len,
+        "attn": str(getattr(probe.config, "_attn_implementation", None)),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def _export(model: torch.nn.Module, example_len: int) -> torch.fx.Graph:
     device = next(iter(model.parameters())).device
     ids = torch.zeros(1, example_len, dtype=torch.long, device=device)

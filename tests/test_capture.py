@@ -185,3 +185,27 @@ def test_unsupported_bloom_names_the_class():
     cfg = T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64)
     with pytest.raises(CaptureError, match=r"^BloomForCausalLM: no attention found"):
         capture(_build(cfg, "eager"))
+
+
+def test_export_facts_are_memoised_and_keyed_on_what_the_graph_depends_on(monkeypatch, tmp_path):
+    """A second capture of the same model reads the cached graph facts (no export) and gives the same
+    Program; a torn entry, another config or another attention implementation exports again."""
+    monkeypatch.setenv("KVCOMPILE_CACHE_DIR", str(tmp_path))
+    cfg, _, _, _ = _small("llama")
+    model = _build(cfg, "sdpa")
+    first = capture(model)
+    calls = []
+    real = capture_mod._export_and_read
+    monkeypatch.setattr(capture_mod, "_export_and_read", lambda *a: calls.append(a) or real(*a))
+    assert capture(model) == first and calls == []
+    (entry,) = (tmp_path / "capture").iterdir()
+    entry.write_text('{"read": [')  # torn by a killed writer
+    assert capture(model) == first and len(calls) == 1
+    assert capture(model) == first and len(calls) == 1  # rewritten whole
+    other = capture(_build(T.LlamaConfig(**{**_SMALL, "num_key_value_heads": 3}, rope_theta=12345.0), "sdpa"))
+    assert len(calls) == 2 and {s.num_kv_heads for s in other.sites} == {3}
+    assert capture(_build(cfg, "eager")).sites == first.sites and len(calls) == 3
+    bad = _build(cfg, "sdpa")
+    bad.config.num_key_value_heads = 3  # the cached facts of `model` must not hide the disagreement
+    with pytest.raises(CaptureError, match="graph has 2 KV heads but the config says 3"):
+        capture(bad)
