@@ -32,6 +32,10 @@ reduced-depth copy holding the shortest prefix of layers that covers every disti
 (``config.layer_types``); each real layer takes the graph-read structure of the prefix layer of the
 same type. Export time then no longer grows with depth (70B: ~0.5 s instead of ~10 s).
 
+What the graph says (sites and positions) is memoised under ``models.cache_dir()/capture``, keyed on
+everything the graph depends on (:func:`_facts_key`); a warm compile then skips the export. The
+config-derived facts (windows, cross-checks, model info) are recomputed every time.
+
 Example
 -------
 >>> from kvcompile.models import load                     # doctest: +SKIP
