@@ -174,8 +174,8 @@ def _graph_facts(probe: Any, example_len: int, config: Any, cls: str) -> tuple[l
     except (AttributeError, TypeError, StopIteration):
         path = None  # not a transformers config / no parameters: nothing to key on, export every time
     try:
-        data = json.loads(path.read_text()) if path is not None else None
-        if data is not None:
+        if path is not None:
+            data = json.loads(path.read_text())
             return [_ReadSite(**r) for r in data["read"]], PosKind(data["pos"]), data["theta"]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no entry, or a torn / foreign one: export again
@@ -186,13 +186,13 @@ def _graph_facts(probe: Any, example_len: int, config: Any, cls: str) -> tuple[l
             f"{probe.config.num_hidden_layers}"
         )
     pos, theta = _positions(graph, config, cls)
-    try:
-        if path is not None:
+    if path is not None:
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps({"read": [dataclasses.asdict(r) for r in read], "pos": pos.value,
                                            "theta": theta}))
-    except OSError:
-        pass  # a read-only cache only costs the next compile an export
+        except OSError:
+            pass  # a read-only cache only costs the next compile an export
     return read, pos, theta
 
 

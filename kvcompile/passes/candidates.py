@@ -60,13 +60,16 @@ def planner_grid(context: int) -> list[Strategy]:
     # compositions at equal bytes and fill the steps between them
     comp: Any = REGISTRY.get("compose")
     if comp is not None:
+        def n(frac: float) -> int:
+            return max(8, int(context * frac))
+
         q8 = Quant(bits=8)
-        sels = [(kind, frac, q8) for frac in (0.25, 0.125) for kind in (SnapKV, SinkWindow)]
-        sels += [(SnapKV, frac, lean4) for frac in (0.75, 0.5, 0.375, 0.25)] + [(SnapKV, 0.5, lean42)]
-        for kind, frac, q in sels:
-            n = max(8, int(context * frac))
-            sel = SnapKV(budget=n - min(32, n // 4), obs_window=min(32, n // 4)) if kind is SnapKV else \
-                SinkWindow(sinks=4, window=n - 4)
+        pairs: list[tuple[SnapKV | SinkWindow, Quant]] = []
+        for frac in (0.25, 0.125):
+            pairs += [(SnapKV.keeping(n(frac)), q8), (SinkWindow(sinks=4, window=n(frac) - 4), q8)]
+        pairs += [(SnapKV.keeping(n(frac)), lean4) for frac in (0.75, 0.5, 0.375, 0.25)]
+        pairs.append((SnapKV.keeping(n(0.5)), lean42))
+        for sel, q in pairs:
             if sel.cap() >= q.r + q.group:  # short contexts: only where something is quantized (Compose.check)
                 out.append(comp(select=sel, quant=q))
     return out

@@ -152,17 +152,15 @@ def default_instances(context: int) -> list[Strategy]:
     out += [Quant(bits=kb, group=32, v_bits=vb) for kb, vb in ((8, 4), (4, 2))]  # keys carry the outliers
     budgets = sorted({max(8, int(context * f)) for f in BUDGET_FRACTIONS}, reverse=True)
     for n in budgets:
-        sinks, obs = 4, min(32, n // 4)
-        out.append(SinkWindow(sinks=sinks, window=n - sinks))
+        out.append(SinkWindow(sinks=4, window=n - 4))
         out.append(HeavyHitter(budget=n, recent=n // 2))
-        out.append(SnapKV(budget=n - obs, obs_window=obs))
+        out.append(SnapKV.keeping(n))
     out += [ThinK(keep_ratio=r) for r in (0.5, 0.25)]
     for n in budgets[:2]:  # selection at 50 % / 25 % of the tokens, then 4- or 2-bit codes
-        obs = min(32, n // 4)
         for bits in (4, 2):
             q = Quant(bits=bits, group=32)
             if n >= q.r + q.group:
-                out.append(Compose(select=SnapKV(budget=n - obs, obs_window=obs), quant=q))
+                out.append(Compose(select=SnapKV.keeping(n), quant=q))
                 out.append(Compose(select=SinkWindow(sinks=4, window=n - 4), quant=q))
     for n in budgets[1:3]:
         out.append(MiKV(select=HeavyHitter(budget=n, recent=n // 2), low_bits=2))

@@ -135,6 +135,13 @@ class SnapKV(Selection):
     def cap(self) -> int:
         return self.budget + self.obs_window
 
+    @classmethod
+    def keeping(cls, n: int) -> SnapKV:
+        """The grid's SnapKV holding ``n`` tokens: the last ``min(32, n // 4)`` as the observation window,
+        the rest selected."""
+        obs = min(32, n // 4)
+        return cls(budget=n - obs, obs_window=obs)
+
     def kept_seq(self, prefill: int, decoded: int) -> int:
         later = decoded if self.decode_window is None else min(decoded, self.decode_window)
         return self.kept(prefill) + later
